@@ -1,0 +1,186 @@
+"""Episodic engines: MONAI's SupervisedTrainer / SupervisedEvaluator with an in-context iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer, SimpleInferer
+from monai.utils import CommonKeys as Keys
+from torch import nn
+from torch.utils.data import DataLoader
+
+REQUIRED_KEYS = ("support_image", "support_mask", "query_image", "query_mask", "class_ids")
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The IrisNet inside a DistributedDataParallel (or other ``.module``) wrapper."""
+    return network.module if hasattr(network, "module") else network
+
+
+def prepare_episode(batch: dict, device: torch.device, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """Move an episode batch to ``device``; masks become float, support/query images stay float32."""
+    missing = [key for key in REQUIRED_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"Episode batch lacks {missing}; got keys {sorted(batch)}.")
+    episode = {key: torch.as_tensor(value).to(device, non_blocking=non_blocking) for key, value in batch.items()}
+    for key in ("support_mask", "query_mask"):
+        episode[key] = episode[key].float()
+    return episode
+
+
+class EpisodicTrainer(SupervisedTrainer):
+    """One iteration = one batch of episodes: encode support -> decode query -> loss -> backward -> clip -> step.
+
+    ``amp`` uses fp16 autocast with a GradScaler on CUDA and bf16 autocast on CPU. ``engine.state.output`` holds,
+    besides MONAI's ``image``/``label``/``pred``/``loss``, the episode's ``task_embeddings`` (B x K x (m+1) x C, detached),
+    ``class_ids`` and ``class_valid`` for handlers such as the memory-bank update.
+
+    Args:
+        device, max_epochs, train_data_loader, network, optimizer, loss_function, epoch_length, inferer,
+        train_handlers, amp, accumulation_steps: as in ``monai.engines.SupervisedTrainer``; ``loss_function`` is
+            called as ``loss(logits, target, class_valid)``.
+        gradient_clip_norm: maximum global gradient norm, applied to unscaled gradients; None or <= 0 disables it.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        epoch_length: int | None = None,
+        inferer: Inferer | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        accumulation_steps: int = 1,
+        gradient_clip_norm: float | None = 1.0,
+        key_train_metric: dict | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            epoch_length=epoch_length,
+            prepare_batch=prepare_episode,
+            inferer=inferer or SimpleInferer(),
+            key_train_metric=key_train_metric,
+            train_handlers=train_handlers,
+            decollate=False,
+            accumulation_steps=accumulation_steps,
+        )
+        device_type = torch.device(device).type
+        self.amp = amp
+        self.amp_dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda") if amp and device_type == "cuda" else None
+        self.gradient_clip_norm = gradient_clip_norm
+
+    def _iteration(self, engine: EpisodicTrainer, batchdata: dict) -> dict:
+        episode = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        query, target, valid = episode["query_image"], episode["query_mask"], episode["class_valid"]
+        engine.state.output = {
+            Keys.IMAGE: query,
+            Keys.LABEL: target,
+            "class_ids": episode["class_ids"],
+            "class_valid": valid,
+        }
+        acc = engine.accumulation_steps
+        local_iter = (engine.state.iteration - 1) % acc
+        engine.network.train()
+        if local_iter == 0:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        with torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.amp):
+            embeddings = unwrap(engine.network).encode_support(episode["support_image"], episode["support_mask"])
+            logits = engine.inferer(query, engine.network, task_embeddings=embeddings, class_valid=valid)
+            engine.state.output[Keys.PRED] = logits
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = engine.loss_function(logits, target, valid)
+            engine.state.output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.state.output["task_embeddings"] = embeddings.detach().float()
+
+        scaled = loss / acc
+        (engine.scaler.scale(scaled) if engine.scaler is not None else scaled).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if local_iter == acc - 1:
+            self._step(engine)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    @staticmethod
+    def _step(engine: EpisodicTrainer) -> None:
+        if engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        if engine.gradient_clip_norm and engine.gradient_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), engine.gradient_clip_norm)
+        if engine.scaler is not None:
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            engine.optimizer.step()
+
+
+class EpisodicEvaluator(SupervisedEvaluator):
+    """Evaluate in-context segmentation: each case brings its own references, encoded once per case.
+
+    The task embeddings go through the inferer unchanged (MONAI's sliding-window inferer forwards extra arguments
+    to every window), so a whole volume is segmented with one support encoding.
+
+    Args:
+        as in ``monai.engines.SupervisedEvaluator``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: DataLoader,
+        network: nn.Module,
+        inferer: Inferer | None = None,
+        key_val_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            network=network,
+            prepare_batch=prepare_episode,
+            inferer=inferer or SimpleInferer(),
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.amp = amp
+        self.amp_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+    def _iteration(self, engine: EpisodicEvaluator, batchdata: dict) -> dict:
+        case = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        support_image, support_mask = case["support_image"], case["support_mask"]  # 1 x K x 1 x P each
+        b, k = support_image.shape[:2]
+        engine.network.eval()
+        with torch.no_grad(), torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.amp):
+            # every class has its own reference: encode classes as a batch of 1-class supports
+            per_class = unwrap(engine.network).encode_support(
+                support_image.transpose(0, 1), support_mask.transpose(0, 1)  # K x 1 x 1 x P, one shot, one class
+            )  # K x 1 x T x C
+            embeddings = per_class.reshape(b, k, *per_class.shape[2:])  # 1 x K x T x C
+            logits = engine.inferer(case["query_image"], engine.network, task_embeddings=embeddings)
+        engine.state.output = {
+            Keys.IMAGE: case["query_image"],
+            Keys.LABEL: case["query_mask"],
+            Keys.PRED: logits.float(),
+            "class_ids": case["class_ids"],
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,0 +1,235 @@
+"""Episodes over a dataset pool: training episodes (support + query patches) and 1-shot validation cases.
+
+Every item is a pure function of ``(seed, index)``, so episodes are reproducible whatever the number of DataLoader
+workers or ranks, and a resumed run can continue the exact sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import SpatialCrop, SpatialPad
+from torch.utils.data import Dataset
+
+from .pool import DatasetPool, DatasetPoolError, Subject
+from .transforms import episode_augmentation
+
+
+def crop_around(subject: Subject, center: Sequence[int], patch_size: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Crop image and label (1 x D x H x W each) to ``patch_size`` around ``center``, zero-padding at the borders."""
+    crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=list(patch_size))
+    pad = SpatialPad(spatial_size=list(patch_size))
+    return pad(crop(subject.image)), pad(crop(subject.label))
+
+
+def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> torch.Tensor:
+    """One binary channel per class value (K_max x D x H x W, uint8); slots beyond ``values`` stay empty."""
+    masks = torch.zeros((num_slots, *label.shape[1:]), dtype=torch.uint8)
+    for slot, value in enumerate(values):
+        masks[slot] = label[0] == value
+    return masks
+
+
+class EpisodeDataset(Dataset):
+    """Random training episodes, ``length`` of them, drawn from a pool.
+
+    One episode: pick a dataset (by ``dataset_weights``), a trainable class, a query subject that has it and
+    ``k_shot`` *different* support subjects that have it; crop patches around its foreground; keep up to
+    ``max_classes`` classes present in every support patch (randomly dropping extra classes); augment support and
+    query independently; perturb the query with Gaussian noise. Held-out classes never appear.
+
+    Items (``K = max_classes``, ``S = k_shot``, ``P = patch size``):
+        ``support_image`` S x 1 x P, ``support_mask`` S x K x P (uint8), ``query_image`` 1 x P,
+        ``query_mask`` K x P (uint8), ``class_valid`` K (bool), ``class_ids`` K (long, index into
+        ``pool.class_names``, -1 for padding).
+
+    Args:
+        pool: training subjects.
+        length: number of episodes (iterations x batch size).
+        patch_size: patch size ``(D, H, W)``.
+        k_shot: support subjects per episode.
+        max_classes: classes per episode, ``K``.
+        random_class_drop_prob: probability of dropping each extra class.
+        query_noise_std: standard deviation of the Gaussian noise added to the query.
+        dataset_weights: sampling weight per dataset; None samples proportionally to dataset size.
+        seed: base seed of every episode.
+        augmentation_kwargs: options of :func:`scripts.transforms.episode_augmentation`.
+    """
+
+    def __init__(
+        self,
+        pool: DatasetPool,
+        length: int,
+        patch_size: Sequence[int],
+        k_shot: int = 1,
+        max_classes: int = 4,
+        random_class_drop_prob: float = 0.15,
+        query_noise_std: float = 0.05,
+        dataset_weights: Sequence[float] | None = None,
+        seed: int = 0,
+        augmentation_kwargs: dict | None = None,
+    ) -> None:
+        if k_shot < 1 or max_classes < 1 or length < 1:
+            raise ValueError(f"k_shot, max_classes and length must be >= 1, got {k_shot}, {max_classes}, {length}.")
+        self.pool = pool
+        self.length = length
+        self.patch_size = tuple(patch_size)
+        self.k_shot = k_shot
+        self.max_classes = max_classes
+        self.drop_prob = random_class_drop_prob
+        self.query_noise_std = query_noise_std
+        self.seed = seed
+        self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
+        self._holders = self._class_holders()
+        self._weights = self._dataset_weights(dataset_weights)
+
+    def _class_holders(self) -> list[dict[int, list[int]]]:
+        """Per dataset: trainable class value -> subjects that contain it (at least ``k_shot + 1`` of them)."""
+        holders: list[dict[int, list[int]]] = [{} for _ in self.pool.datasets]
+        for index, subject in enumerate(self.pool.subjects):
+            for value in subject.classes:
+                if not self.pool.is_held_out(subject.dataset, value):
+                    holders[subject.dataset].setdefault(value, []).append(index)
+        usable = [{v: s for v, s in h.items() if len(s) > self.k_shot} for h in holders]
+        if not any(usable):
+            raise DatasetPoolError(
+                f"No trainable class appears in more than k_shot={self.k_shot} training subjects of the pool: "
+                "an episode needs a query and k_shot different support subjects sharing a class."
+            )
+        return usable
+
+    def _dataset_weights(self, weights: Sequence[float] | None) -> np.ndarray:
+        sizes = np.array([sum(1 for s in self.pool.subjects if s.dataset == d) for d in range(len(self.pool.datasets))])
+        if weights is None:
+            weights = sizes
+        weights = np.asarray(weights, dtype=float)
+        if weights.shape != sizes.shape or (weights < 0).any():
+            raise ValueError(f"data_pool_weights must be {len(sizes)} non-negative numbers, got {weights.tolist()}.")
+        weights = np.where([bool(h) for h in self._holders], weights, 0.0)
+        if weights.sum() <= 0:
+            raise ValueError("data_pool_weights give zero weight to every dataset with trainable classes.")
+        return weights / weights.sum()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _patch(self, rng: np.random.Generator, subject: Subject, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop around a random foreground voxel of ``value``, jittered by up to a quarter patch."""
+        coords = subject.foreground[value]
+        jitter = rng.integers(-1, 2, size=3) * rng.integers(0, [max(1, p // 4) for p in self.patch_size])
+        return crop_around(subject, coords[rng.integers(len(coords))] + jitter, self.patch_size)
+
+    def _augmented(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.augment({"image": image, "label": label})
+        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(torch.int16)
+
+    def _present(self, label: torch.Tensor) -> set[int]:
+        """Classes with at least ``min_class_voxels`` voxels in a patch, so no support mask is (nearly) empty."""
+        values, counts = torch.unique(label, return_counts=True)
+        return {int(v) for v, n in zip(values.tolist(), counts.tolist()) if n >= self.pool.min_class_voxels}
+
+    def _choose_classes(self, rng: np.random.Generator, anchor: int, candidates: set[int]) -> list[int]:
+        others = sorted(candidates - {anchor})
+        rng.shuffle(others)
+        others = [value for value in others[: self.max_classes - 1] if rng.random() >= self.drop_prob]
+        return [anchor, *others]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        dataset = int(rng.choice(len(self._weights), p=self._weights))
+        holders = self._holders[dataset]
+        anchor = int(rng.choice(sorted(holders)))
+        chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=False)
+        query, supports = self.pool.subjects[chosen[0]], [self.pool.subjects[i] for i in chosen[1:]]
+
+        support_patches = [self._augmented(*self._patch(rng, subject, anchor)) for subject in supports]
+        query_image, query_label = self._augmented(*self._patch(rng, query, anchor))
+
+        present = set.intersection(*(self._present(label) for _, label in support_patches))
+        trainable = {v for v in present & query.classes if v != 0 and not self.pool.is_held_out(dataset, v)}
+        values = self._choose_classes(rng, anchor, trainable)
+
+        names = self.pool.class_names
+        info = self.pool.datasets[dataset]
+        class_ids = torch.full((self.max_classes,), -1, dtype=torch.long)
+        class_ids[: len(values)] = torch.tensor([names.index(info.class_name(v)) for v in values])
+        query_image = query_image + self.query_noise_std * torch.from_numpy(
+            rng.standard_normal(query_image.shape, dtype=np.float32)
+        )
+        return {
+            "support_image": torch.stack([image for image, _ in support_patches]),
+            "support_mask": torch.stack(
+                [binary_masks(label, values, self.max_classes) for _, label in support_patches]
+            ),
+            "query_image": query_image,
+            "query_mask": binary_masks(query_label, values, self.max_classes),
+            "class_valid": class_ids >= 0,
+            "class_ids": class_ids,
+        }
+
+
+class OneShotValidationDataset(Dataset):
+    """1-shot validation cases: one whole validation volume and, per class, a reference patch from a training subject.
+
+    References are fixed by ``seed``, so every validation run sees the same cases.
+
+    Items: ``query_image`` 1 x D x H x W, ``query_mask`` K x D x H x W (uint8), ``support_image`` K x 1 x P,
+    ``support_mask`` K x 1 x P (uint8, each class with its own reference), ``class_ids`` K.
+
+    Args:
+        pool: validation subjects.
+        reference_pool: training subjects to draw references from (same datasets, by name).
+        patch_size: size of the reference patch, the training patch size.
+        seed: seed of the reference draw.
+    """
+
+    def __init__(self, pool: DatasetPool, reference_pool: DatasetPool, patch_size: Sequence[int], seed: int = 0):
+        self.pool = pool
+        self.reference_pool = reference_pool
+        self.patch_size = tuple(patch_size)
+        self.seed = seed
+        ref_index = {info.name: d for d, info in enumerate(reference_pool.datasets)}
+        self._cases = []
+        for index, subject in enumerate(pool.subjects):
+            info = pool.datasets[subject.dataset]
+            ref_dataset = ref_index.get(info.name)
+            values = [
+                value
+                for value in sorted(subject.classes)
+                if ref_dataset is not None and self._holders(ref_dataset, value)
+            ]
+            if values:
+                self._cases.append((index, ref_dataset, values))
+        if not self._cases:
+            raise DatasetPoolError("No validation subject has a class that also appears in a training subject.")
+
+    def _holders(self, dataset: int, value: int) -> list[Subject]:
+        return [s for s in self.reference_pool.subjects if s.dataset == dataset and value in s.classes]
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        subject_index, ref_dataset, values = self._cases[index]
+        subject = self.pool.subjects[subject_index]
+        rng = np.random.default_rng([self.seed, index])
+        images, masks = [], []
+        for value in values:
+            holders = self._holders(ref_dataset, value)
+            reference = holders[rng.integers(len(holders))]
+            coords = reference.foreground[value]
+            image, label = crop_around(reference, coords[rng.integers(len(coords))], self.patch_size)
+            images.append(image)
+            masks.append(binary_masks(label, [value], 1))
+        info = self.pool.datasets[subject.dataset]
+        names = self.pool.class_names
+        return {
+            "query_image": subject.image,
+            "query_mask": binary_masks(subject.label, values, len(values)),
+            "support_image": torch.stack(images),
+            "support_mask": torch.stack(masks),
+            "class_ids": torch.tensor([names.index(info.class_name(v)) for v in values]),
+        }

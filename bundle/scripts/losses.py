@@ -1,0 +1,214 @@
+"""Episodic segmentation losses for IRIS: one independent sigmoid channel per episode class, with padding.
+
+An episode holds up to ``K`` classes; episodes with fewer classes are padded and flagged by ``class_valid``
+(``B x K`` bool). Padded classes contribute nothing: their logits and targets are replaced by constants before
+the loss is computed, so neither their values (finite or not) nor their gradients leak into the result, and the
+gradient that reaches their logits is exactly zero. Every loss computes a value per ``(b, k)`` entry and returns the
+(optionally class-weighted) mean over the valid entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from monai.losses import FocalLoss as MonaiFocalLoss
+from torch import nn
+
+__all__ = ["EpisodicLoss", "DiceBCELoss", "FocalLoss", "DiceFocalLoss", "LOSSES", "build_loss"]
+
+
+class EpisodicLoss(nn.Module):
+    """Base class: masks padded classes and reduces a per-``(b, k)`` loss to a scalar.
+
+    Subclasses implement :meth:`per_entry`. Computation runs in float32 with autocast disabled, because Dice sums
+    and BCE logarithms over whole volumes lose too much precision in bf16/fp16.
+
+    Args:
+        class_weights: optional weight per episode slot ``k`` (length ``K``, ``>= 0``). It indexes the position of a
+            class in the episode, not a global label, so it is only meaningful when the data pipeline puts the same
+            kind of class in the same slot. ``None`` weights all slots equally.
+    """
+
+    def __init__(self, class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if not class_weights or min(class_weights) < 0:
+                raise ValueError(f"class_weights must be a non-empty sequence of values >= 0, got {class_weights}.")
+        self.class_weights = class_weights
+
+    def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Computes the loss of each ``(b, k)`` entry.
+
+        Args:
+            logits: float32 ``B x K x D x H x W`` (any number of spatial dims).
+            target: float32 binary ``B x K x D x H x W``.
+
+        Returns:
+            ``B x K`` losses.
+        """
+        raise NotImplementedError
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, class_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Computes the loss of a batch of episodes.
+
+        Args:
+            logits: ``B x K x D x H x W`` raw scores (any number of spatial dims, any float dtype).
+            target: binary ``B x K x D x H x W`` masks, same shape as ``logits``.
+            class_valid: ``B x K`` bool, False for padded classes; ``None`` means every class is valid.
+
+        Returns:
+            Scalar float32 loss: the weighted mean over valid ``(b, k)`` entries; 0 (still attached to ``logits``'
+            graph) when no entry is valid or all valid entries have weight 0.
+        """
+        if logits.ndim < 3:
+            raise ValueError(f"logits must be B x K x spatial..., got shape {tuple(logits.shape)}.")
+        if target.shape != logits.shape:
+            raise ValueError(f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}.")
+        batch, classes = logits.shape[:2]
+        if class_valid is None:
+            class_valid = torch.ones(batch, classes, dtype=torch.bool, device=logits.device)
+        elif class_valid.shape != (batch, classes):
+            raise ValueError(f"class_valid must have shape {(batch, classes)}, got {tuple(class_valid.shape)}.")
+        class_valid = class_valid.to(device=logits.device, dtype=torch.bool)
+
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            voxel_valid = class_valid.view(batch, classes, *([1] * (logits.ndim - 2)))
+            logits = torch.where(voxel_valid, logits.float(), 0.0)
+            target = torch.where(voxel_valid, target.float(), 0.0)
+            weights = class_valid.float()
+            if self.class_weights is not None:
+                if len(self.class_weights) != classes:
+                    raise ValueError(f"class_weights has {len(self.class_weights)} values for K={classes} classes.")
+                weights = weights * torch.tensor(self.class_weights, device=logits.device)
+            loss = (self.per_entry(logits, target) * weights).sum()
+            return loss / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _check_non_negative(**values: float) -> None:
+    """Rejects negative loss-term weights, naming the offending argument."""
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
+class DiceBCELoss(EpisodicLoss):
+    """Soft Dice + binary cross-entropy, per class channel.
+
+    Dice balances foreground against background for small structures; BCE gives a dense per-voxel gradient early in
+    training when Dice is flat.
+
+    Args:
+        dice_weight: weight of the Dice term, ``>= 0``.
+        bce_weight: weight of the BCE term, ``>= 0``.
+        class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
+        smooth_nr: constant added to the Dice numerator.
+        smooth_dr: constant added to the Dice denominator.
+    """
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        class_weights: Sequence[float] | None = None,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+    ) -> None:
+        super().__init__(class_weights)
+        _check_non_negative(dice_weight=dice_weight, bce_weight=bce_weight)
+        self.dice_weight = float(dice_weight)
+        self.bce_weight = float(bce_weight)
+        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+
+    def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Returns ``B x K`` weighted Dice + voxel-mean BCE."""
+        dice = self.dice(logits, target).flatten(1)  # MONAI keeps B x K x 1 x ... x 1 with reduction="none".
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(dim=2)
+        return self.dice_weight * dice + self.bce_weight * bce
+
+
+class FocalLoss(EpisodicLoss):
+    """Sigmoid focal loss ``alpha_t * (1 - p_t)**gamma * BCE``, voxel-averaged per class channel.
+
+    Down-weights the many easy background voxels. ``alpha_t`` is ``alpha`` where the target is 1 and ``1 - alpha``
+    elsewhere. The voxel-wise value is MONAI's ``FocalLoss(use_softmax=False)``, which is exactly this formula.
+
+    Args:
+        alpha: weight of foreground voxels, in ``[0, 1]``.
+        gamma: focusing exponent, ``>= 0`` (0 gives alpha-weighted BCE).
+        class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
+    """
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, class_weights: Sequence[float] | None = None) -> None:
+        super().__init__(class_weights)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        _check_non_negative(gamma=gamma)
+        self.focal = MonaiFocalLoss(gamma=float(gamma), alpha=float(alpha), use_softmax=False, reduction="none")
+
+    def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Returns ``B x K`` voxel-mean focal losses."""
+        return self.focal(logits, target).flatten(2).mean(dim=2)
+
+
+class DiceFocalLoss(EpisodicLoss):
+    """Soft Dice + sigmoid focal loss, per class channel; see :class:`DiceBCELoss` and :class:`FocalLoss`.
+
+    Args:
+        dice_weight: weight of the Dice term, ``>= 0``.
+        focal_weight: weight of the focal term, ``>= 0``.
+        alpha: focal weight of foreground voxels, in ``[0, 1]``.
+        gamma: focal focusing exponent, ``>= 0``.
+        class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
+        smooth_nr: constant added to the Dice numerator.
+        smooth_dr: constant added to the Dice denominator.
+    """
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        focal_weight: float = 1.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        class_weights: Sequence[float] | None = None,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+    ) -> None:
+        super().__init__(class_weights)
+        _check_non_negative(dice_weight=dice_weight, focal_weight=focal_weight)
+        self.dice_weight = float(dice_weight)
+        self.focal_weight = float(focal_weight)
+        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        self.focal = FocalLoss(alpha=alpha, gamma=gamma)
+
+    def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Returns ``B x K`` weighted Dice + voxel-mean focal losses."""
+        dice = self.dice(logits, target).flatten(1)
+        return self.dice_weight * dice + self.focal_weight * self.focal.per_entry(logits, target)
+
+
+LOSSES: dict[str, type[EpisodicLoss]] = {"dice_bce": DiceBCELoss, "focal": FocalLoss, "dice_focal": DiceFocalLoss}
+
+
+def build_loss(name: str, **options: Any) -> nn.Module:
+    """Builds a loss by the name used in the bundle configs.
+
+    Args:
+        name: one of ``"dice_bce"``, ``"focal"``, ``"dice_focal"``.
+        options: keyword arguments of the chosen class.
+
+    Returns:
+        The loss module.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; valid names are {sorted(LOSSES)}.")
+    return LOSSES[name](**options)

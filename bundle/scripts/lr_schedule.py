@@ -1,0 +1,69 @@
+"""Learning-rate schedule of IRIS training: linear warm-up, then step decay, counted in iterations."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["WarmupStepDecay", "warmup_step_decay"]
+
+
+class WarmupStepDecay:
+    """Multiplier of the base learning rate at a given training iteration.
+
+    A callable object rather than a closure so that it pickles, and so that ``LambdaLR.state_dict()`` stores its
+    plain ``__dict__`` (ints and a float), which loads with ``torch.load(..., weights_only=True)``.
+
+    - Warm-up, ``iteration < warmup_iterations``: ``(iteration + 1) / (warmup_iterations + 1)``; never 0, so the
+      first step already moves the weights.
+    - Afterwards: ``lr_decay_gamma ** ((iteration - warmup_iterations) // decay_interval)``; exactly 1.0 at
+      ``iteration == warmup_iterations``.
+
+    Args:
+        warmup_iterations: number of warm-up iterations, ``>= 0`` (0 disables warm-up).
+        lr_decay_gamma: factor applied every ``decay_interval`` iterations after warm-up, in ``(0, 1]``.
+        decay_interval: iterations between two decays, ``> 0``.
+    """
+
+    def __init__(self, warmup_iterations: int, lr_decay_gamma: float, decay_interval: int) -> None:
+        if warmup_iterations < 0:
+            raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}.")
+        if not 0.0 < lr_decay_gamma <= 1.0:
+            raise ValueError(f"lr_decay_gamma must be in (0, 1], got {lr_decay_gamma}.")
+        if decay_interval <= 0:
+            raise ValueError(f"decay_interval must be > 0, got {decay_interval}.")
+        self.warmup_iterations = int(warmup_iterations)
+        self.lr_decay_gamma = float(lr_decay_gamma)
+        self.decay_interval = int(decay_interval)
+
+    def __call__(self, iteration: int) -> float:
+        """Returns the learning-rate multiplier for the 0-based ``iteration``."""
+        if iteration < self.warmup_iterations:
+            return (iteration + 1) / (self.warmup_iterations + 1)
+        return self.lr_decay_gamma ** ((iteration - self.warmup_iterations) // self.decay_interval)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(warmup_iterations={self.warmup_iterations}, "
+            f"lr_decay_gamma={self.lr_decay_gamma}, decay_interval={self.decay_interval})"
+        )
+
+
+def warmup_step_decay(
+    optimizer: torch.optim.Optimizer, warmup_iterations: int, lr_decay_gamma: float, decay_interval: int
+) -> LambdaLR:
+    """Builds the IRIS schedule as a ``LambdaLR`` to be stepped once per training iteration.
+
+    Meant for MONAI's ``LrScheduleHandler(epoch_level=False)``; the multiplier for iteration ``i`` is
+    :class:`WarmupStepDecay` ``(i)``, applied to every parameter group's initial learning rate.
+
+    Args:
+        optimizer: optimizer whose learning rates are scheduled.
+        warmup_iterations: number of warm-up iterations, ``>= 0``.
+        lr_decay_gamma: decay factor in ``(0, 1]``.
+        decay_interval: iterations between two decays after warm-up, ``> 0``.
+
+    Returns:
+        The scheduler; its ``state_dict()`` holds plain Python types only.
+    """
+    return LambdaLR(optimizer, lr_lambda=WarmupStepDecay(warmup_iterations, lr_decay_gamma, decay_interval))

@@ -1,0 +1,215 @@
+"""A pool of MSD-style datasets: read each ``dataset.json``, check every subject, cache the preprocessed volumes.
+
+Every problem in the pool is collected and reported in one error before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+from .transforms import subject_preprocessing
+
+logger = logging.getLogger(__name__)
+
+FOREGROUND_SAMPLES = 512  # voxel coordinates kept per class to centre foreground-aware crops
+
+
+class DatasetPoolError(ValueError):
+    """Raised with every invalid entry of the pool listed, so a user can fix them all at once."""
+
+
+@dataclass
+class DatasetInfo:
+    """One dataset of the pool, as declared by its ``dataset.json``."""
+
+    name: str
+    root: Path
+    modality: str
+    labels: dict[int, str]
+    held_out: set[str]
+    entries: dict[str, list] = field(default_factory=dict)  # split name -> datalist entries
+
+    def class_name(self, value: int) -> str:
+        """Global class name ``dataset/label``."""
+        return f"{self.name}/{self.labels[value]}"
+
+
+@dataclass
+class Subject:
+    """A preprocessed, validated subject: image 1 x D x H x W, label 1 x D x H x W, and where each class lies."""
+
+    dataset: int
+    image_path: str
+    image: torch.Tensor
+    label: torch.Tensor
+    foreground: dict[int, np.ndarray] = field(default_factory=dict)  # label value -> N x 3 voxel coordinates
+
+    @property
+    def classes(self) -> set[int]:
+        return set(self.foreground)
+
+
+def _read_dataset_json(path: Path) -> DatasetInfo:
+    if not path.is_file():
+        raise DatasetPoolError(f"Dataset description {path} does not exist; prepare the dataset first.")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetPoolError(f"{path} is not valid JSON: {error}") from error
+    for key in ("labels", "training"):
+        if key not in content:
+            raise DatasetPoolError(f"{path} has no '{key}' entry (MSD dataset.json format expected).")
+    modality = content.get("modality", "CT")
+    if isinstance(modality, dict):
+        modality = modality.get("0", next(iter(modality.values()), "CT"))
+    labels = {int(value): str(name) for value, name in content["labels"].items() if int(value) != 0}
+    held_out = set(content.get("held_out_labels", []))
+    unknown = held_out - set(labels.values())
+    if unknown:
+        raise DatasetPoolError(f"{path}: held_out_labels {sorted(unknown)} are not names in 'labels'.")
+    entries = {split: content.get(split, []) for split in ("training", "validation")}
+    return DatasetInfo(content.get("name", path.parent.name), path.parent, str(modality), labels, held_out, entries)
+
+
+class DatasetPool:
+    """Datasets of the pool and their validated, preprocessed subjects for one split.
+
+    Args:
+        dataset_files: paths of MSD-style ``dataset.json`` files.
+        split: ``"training"`` or ``"validation"``.
+        target_spacing: resampling spacing in mm, or None to keep native spacing.
+        min_class_voxels: a class smaller than this in a subject does not count as present there.
+        num_workers: threads used to load and preprocess subjects.
+        skip_invalid: drop invalid subjects with a warning instead of raising.
+    """
+
+    def __init__(
+        self,
+        dataset_files: Sequence[str],
+        split: str = "training",
+        target_spacing: Sequence[float] | None = None,
+        min_class_voxels: int = 10,
+        num_workers: int = 2,
+        skip_invalid: bool = False,
+    ) -> None:
+        if isinstance(dataset_files, (str, Path)):
+            dataset_files = [dataset_files]
+        if not dataset_files:
+            raise DatasetPoolError("data_pool is empty: give at least one dataset.json path.")
+        self.datasets = [_read_dataset_json(Path(path)) for path in dataset_files]
+        names = [info.name for info in self.datasets]
+        if len(set(names)) != len(names):
+            raise DatasetPoolError(f"Dataset names in the pool must be unique, got {names}.")
+        self.split = split
+        self.min_class_voxels = min_class_voxels
+        self._preprocess = [subject_preprocessing(info.modality, target_spacing) for info in self.datasets]
+        self._load = LoadImaged(keys=("image", "label"), image_only=True)
+        self._channel_first = EnsureChannelFirstd(keys=("image", "label"))
+        self.subjects = self._load_all(num_workers, skip_invalid)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Global names of every labelled class of every dataset, in a fixed order."""
+        return [info.class_name(value) for info in self.datasets for value in sorted(info.labels)]
+
+    @property
+    def held_out_class_names(self) -> list[str]:
+        """Global names of the classes kept out of training episodes."""
+        return [
+            info.class_name(v) for info in self.datasets for v in sorted(info.labels) if info.labels[v] in info.held_out
+        ]
+
+    def is_held_out(self, dataset: int, value: int) -> bool:
+        info = self.datasets[dataset]
+        return info.labels[value] in info.held_out
+
+    def _records(self) -> list[tuple[int, dict[str, str]]]:
+        records = []
+        for index, info in enumerate(self.datasets):
+            for entry in info.entries.get(self.split, []):
+                if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                    raise DatasetPoolError(
+                        f"{info.root / 'dataset.json'}: every '{self.split}' entry needs 'image' and 'label', "
+                        f"got {entry}."
+                    )
+                records.append((index, {key: str(info.root / entry[key]) for key in ("image", "label")}))
+        return records
+
+    def _load_all(self, num_workers: int, skip_invalid: bool) -> list[Subject]:
+        records = self._records()
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as executor:
+            results = list(executor.map(lambda record: self._load_subject(*record), records))
+        problems = [result for result in results if isinstance(result, str)]
+        if problems and not skip_invalid:
+            listing = "\n".join(f"  - {problem}" for problem in problems)
+            raise DatasetPoolError(f"{len(problems)} invalid '{self.split}' entries in the data pool:\n{listing}")
+        for problem in problems:
+            logger.warning(f"Skipping invalid subject: {problem}")
+        subjects = [result for result in results if isinstance(result, Subject)]
+        unusable = [subject.image_path for subject in subjects if not subject.foreground]
+        for path in unusable:
+            logger.warning(f"Skipping {path}: no labelled class with at least {self.min_class_voxels} voxels.")
+        return [subject for subject in subjects if subject.foreground]
+
+    def _load_subject(self, dataset: int, record: dict[str, str]) -> Subject | str:
+        """Load, check and preprocess one subject; return a problem description instead of raising."""
+        missing = [record[key] for key in ("image", "label") if not Path(record[key]).is_file()]
+        if missing:
+            return f"{', '.join(missing)}: file not found"
+        try:
+            data = self._channel_first(self._load(record))
+        except Exception as error:  # any reader failure means the file is unusable; say which and why
+            return f"{record['image']} / {record['label']}: cannot be read ({type(error).__name__}: {error})"
+        problem = self._check(dataset, record, data)
+        if problem:
+            return problem
+        data = self._preprocess[dataset](data)
+        label = torch.as_tensor(data["label"]).round().to(torch.int16)
+        return Subject(
+            dataset=dataset,
+            image_path=record["image"],
+            image=torch.as_tensor(data["image"], dtype=torch.float32),
+            label=label,
+            foreground=self._foreground(label, seed=zlib.crc32(record["image"].encode())),
+        )
+
+    def _check(self, dataset: int, record: dict[str, str], data: dict) -> str | None:
+        image, label = data["image"], data["label"]
+        if image.shape[1:] != label.shape[1:]:
+            return (
+                f"{record['label']}: shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
+            )
+        if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
+            return f"{record['label']}: affine differs from the image's affine"
+        if not torch.isfinite(torch.as_tensor(image)).all():
+            return f"{record['image']}: contains NaN or Inf voxels"
+        values = set(torch.unique(torch.as_tensor(label)).tolist())
+        unknown = values - set(self.datasets[dataset].labels) - {0}
+        if unknown:
+            names = sorted(self.datasets[dataset].labels)
+            return f"{record['label']}: label values {sorted(unknown)} are not in 'labels' (known: {names})"
+        return None
+
+    def _foreground(self, label: torch.Tensor, seed: int) -> dict[int, np.ndarray]:
+        """A fixed random sample of voxel coordinates per class present with at least ``min_class_voxels`` voxels."""
+        rng = np.random.default_rng(seed)
+        array = label[0].numpy()
+        foreground = {}
+        for value in np.unique(array):
+            if value == 0:
+                continue
+            coords = np.argwhere(array == value)
+            if len(coords) >= self.min_class_voxels:
+                keep = rng.choice(len(coords), size=min(len(coords), FOREGROUND_SAMPLES), replace=False)
+                foreground[int(value)] = coords[np.sort(keep)]
+        return foreground

@@ -1,0 +1,60 @@
+"""Memory bank: EMA and FIFO updates, lookups, and save/load through ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.memory import MemoryBank
+from scripts.networks import build_iris_net
+
+
+def test_first_update_sets_then_ema_blends() -> None:
+    bank = MemoryBank(num_tokens=2, embed_dim=3, momentum=0.9)
+    first, second = torch.ones(1, 2, 3), torch.full((1, 2, 3), 3.0)
+    bank.update(["ds/a"], first)
+    torch.testing.assert_close(bank.get(["ds/a"]), first)
+    bank.update(["ds/a"], second)
+    torch.testing.assert_close(bank.get(["ds/a"]), 0.9 * first + 0.1 * second)
+    assert bank.counts.tolist() == [2]
+
+
+def test_repeated_class_in_a_batch_is_one_averaged_step() -> None:
+    bank = MemoryBank(num_tokens=1, embed_dim=2, momentum=0.5)
+    bank.update(["ds/a", "ds/b"], torch.zeros(2, 1, 2))
+    bank.update(["ds/a", "ds/a", "ds/b"], torch.tensor([[[2.0, 2.0]], [[4.0, 4.0]], [[8.0, 8.0]]]))
+    torch.testing.assert_close(bank.get(["ds/a", "ds/b"]), torch.tensor([[[1.5, 1.5]], [[4.0, 4.0]]]))
+    assert bank.class_names == ["ds/a", "ds/b"]
+
+
+def test_fifo_queue_keeps_the_newest_embeddings() -> None:
+    bank = MemoryBank(num_tokens=1, embed_dim=1, momentum=0.9, queue_size=2)
+    for value in (1.0, 2.0, 3.0):
+        bank.update(["ds/a"], torch.full((1, 1, 1), value))
+    assert sorted(bank.queue[0].flatten().tolist()) == [2.0, 3.0]
+
+
+def test_unknown_class_and_empty_bank_raise() -> None:
+    bank = MemoryBank(num_tokens=1, embed_dim=1)
+    with pytest.raises(RuntimeError, match="empty"):
+        bank.get()
+    bank.update(["ds/a"], torch.zeros(1, 1, 1))
+    with pytest.raises(ValueError, match="ds/zzz"):
+        bank.get(["ds/zzz"])
+    with pytest.raises(ValueError, match="memory_momentum"):
+        MemoryBank(num_tokens=1, embed_dim=1, momentum=1.0)
+
+
+def test_bank_survives_save_and_weights_only_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4, memory_bank_size=3)
+    net.memory_bank.update(["ds/a", "ds/b"], torch.randn(2, 3, 40))
+    net.memory_bank.update(["ds/c"], torch.randn(1, 3, 40))
+    path = tmp_path / "model.pt"
+    torch.save(net.state_dict(), path)
+
+    fresh = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4, memory_bank_size=3)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.memory_bank.class_names == ["ds/a", "ds/b", "ds/c"]
+    for name in ("embeddings", "counts", "queue"):
+        torch.testing.assert_close(getattr(fresh.memory_bank, name), getattr(net.memory_bank, name))

@@ -1,0 +1,123 @@
+"""Dataset pool checks and episode sampling on a small demo data set."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.episodes import EpisodeDataset, OneShotValidationDataset
+from scripts.pool import DatasetPool, DatasetPoolError
+
+PATCH = (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def pool(demo_dataset: Path) -> DatasetPool:
+    return DatasetPool([str(demo_dataset)], split="training", num_workers=1)
+
+
+def _copy_dataset(demo_dataset: Path, target: Path) -> Path:
+    shutil.copytree(demo_dataset.parent, target)
+    return target / "dataset.json"
+
+
+def test_pool_reads_classes_and_held_out_names(pool: DatasetPool) -> None:
+    assert len(pool.subjects) == 6
+    assert pool.class_names[0] == "IrisDemo/sphere"
+    assert set(pool.held_out_class_names) == {"IrisDemo/torus", "IrisDemo/multi_blob", "IrisDemo/branching_tube"}
+    subject = pool.subjects[0]
+    assert subject.image.shape == subject.label.shape == (1, 48, 48, 48)
+    # CT window then z-score: the whole volume is normalised
+    assert abs(subject.image.mean().item()) < 1e-3 and abs(subject.image.std().item() - 1) < 1e-2
+
+
+def test_episodes_are_reproducible_and_well_formed(pool: DatasetPool) -> None:
+    dataset = EpisodeDataset(pool, length=8, patch_size=PATCH, k_shot=2, max_classes=3, seed=7)
+    first, again = dataset[3], dataset[3]
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert not torch.equal(dataset[4]["query_image"], first["query_image"])
+    assert first["support_image"].shape == (2, 1, *PATCH)
+    assert first["support_mask"].shape == (2, 3, *PATCH)
+    assert first["query_image"].shape == (1, *PATCH)
+    assert first["query_mask"].shape == (3, *PATCH)
+
+
+def test_episodes_never_show_held_out_classes_and_supports_are_not_empty(pool: DatasetPool) -> None:
+    dataset = EpisodeDataset(pool, length=40, patch_size=PATCH, k_shot=1, max_classes=4, seed=1)
+    held_out = set(pool.held_out_class_names)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        valid = item["class_valid"]
+        assert valid[0] and valid.sum() >= 1
+        names = [pool.class_names[i] for i in item["class_ids"][valid].tolist()]
+        assert not held_out & set(names)
+        assert (item["class_ids"][~valid] == -1).all()
+        assert (item["support_mask"][:, ~valid] == 0).all()
+        assert (item["support_mask"][:, 0].flatten(1).sum(-1) > 0).all()  # the anchor class is shown
+
+
+def test_validation_cases_bring_one_reference_per_class(demo_dataset: Path, pool: DatasetPool) -> None:
+    validation = DatasetPool([str(demo_dataset)], split="validation", num_workers=1)
+    dataset = OneShotValidationDataset(validation, pool, PATCH, seed=0)
+    case = dataset[0]
+    k = len(case["class_ids"])
+    assert case["query_image"].shape == (1, 48, 48, 48)
+    assert case["query_mask"].shape == (k, 48, 48, 48)
+    assert case["support_image"].shape == (k, 1, *PATCH)
+    assert (case["support_mask"].flatten(1).sum(-1) > 0).all()
+    assert any(pool.class_names[i] in pool.held_out_class_names for i in case["class_ids"].tolist())
+
+
+def test_every_bad_entry_is_reported_at_once(demo_dataset: Path, tmp_path: Path) -> None:
+    dataset_json = _copy_dataset(demo_dataset, tmp_path / "bad")
+    root = dataset_json.parent
+    content = json.loads(dataset_json.read_text())
+    entries = content["training"]
+    (root / entries[0]["image"]).unlink()  # missing file
+    (root / entries[1]["image"]).write_bytes(b"not a nifti file")  # unreadable
+    label = nib.load(root / entries[2]["label"])
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:40], label.affine), root / entries[2]["label"])  # shape
+    label = nib.load(root / entries[3]["label"])
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine * 2), root / entries[3]["label"])  # affine
+    data = np.asarray(nib.load(root / entries[4]["label"]).dataobj).copy()
+    data[0, 0, 0] = 99
+    nib.save(nib.Nifti1Image(data, nib.load(root / entries[4]["label"]).affine), root / entries[4]["label"])  # value
+    with pytest.raises(DatasetPoolError) as error:
+        DatasetPool([str(dataset_json)], num_workers=1)
+    message = str(error.value)
+    assert "5 invalid 'training' entries" in message
+    assert f"{entries[0]['image']}: file not found" in message
+    assert "cannot be read" in message and entries[1]["image"] in message
+    assert "shape" in message and entries[2]["label"] in message
+    assert "affine" in message and entries[3]["label"] in message
+    assert "[99]" in message and entries[4]["label"] in message
+
+
+def test_skip_invalid_and_unusable_subjects_warn(demo_dataset: Path, tmp_path: Path, caplog) -> None:
+    dataset_json = _copy_dataset(demo_dataset, tmp_path / "skip")
+    entries = json.loads(dataset_json.read_text())["training"]
+    (dataset_json.parent / entries[0]["image"]).unlink()
+    empty = nib.load(dataset_json.parent / entries[1]["label"])
+    nib.save(nib.Nifti1Image(np.zeros(empty.shape, np.uint8), empty.affine), dataset_json.parent / entries[1]["label"])
+    with caplog.at_level(logging.WARNING):
+        pool = DatasetPool([str(dataset_json)], num_workers=1, skip_invalid=True)
+    assert len(pool.subjects) == 4
+    assert "file not found" in caplog.text and "no labelled class" in caplog.text
+
+
+def test_bad_dataset_description_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DatasetPoolError, match="does not exist"):
+        DatasetPool([str(tmp_path / "missing" / "dataset.json")])
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "bg", "1": "a"}, "training": [], "held_out_labels": ["b"]})
+    )
+    with pytest.raises(DatasetPoolError, match="held_out_labels"):
+        DatasetPool([str(tmp_path / "dataset.json")])
