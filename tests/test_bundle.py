@@ -35,6 +35,7 @@ def _workflow(*config_files: str, workflow_type: str = "train") -> ConfigWorkflo
 @pytest.mark.parametrize("configs", [("train.json",), ("train.json", "demo.json")])
 def test_train_config_has_every_property(configs: tuple[str, ...]) -> None:
     workflow = _workflow(*configs)
+    workflow.initialize()
     assert workflow.check_properties() == []
 
 

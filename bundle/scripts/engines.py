@@ -35,8 +35,8 @@ class EpisodicTrainer(SupervisedTrainer):
     """One iteration = one batch of episodes: encode support -> decode query -> loss -> backward -> clip -> step.
 
     ``amp`` uses fp16 autocast with a GradScaler on CUDA and bf16 autocast on CPU. ``engine.state.output`` holds,
-    besides MONAI's ``image``/``label``/``pred``/``loss``, the episode's ``task_embeddings`` (B x K x (m+1) x C, detached),
-    ``class_ids`` and ``class_valid`` for handlers such as the memory-bank update.
+    besides MONAI's ``image``/``label``/``pred``/``loss``, the episode's ``task_embeddings``
+    (B x K x (m+1) x C, detached), ``class_ids`` and ``class_valid`` for handlers such as the memory-bank update.
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function, epoch_length, inferer,

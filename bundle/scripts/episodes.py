@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.transforms import SpatialCrop, SpatialPad
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from .pool import DatasetPool, DatasetPoolError, Subject
@@ -21,7 +22,7 @@ def crop_around(subject: Subject, center: Sequence[int], patch_size: Sequence[in
     """Crop image and label (1 x D x H x W each) to ``patch_size`` around ``center``, zero-padding at the borders."""
     crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=list(patch_size))
     pad = SpatialPad(spatial_size=list(patch_size))
-    return pad(crop(subject.image)), pad(crop(subject.label))
+    return tuple(convert_to_tensor(pad(crop(x)), track_meta=False) for x in (subject.image, subject.label))
 
 
 def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from torch import nn
 
 from .engines import unwrap
@@ -41,6 +43,33 @@ class MemoryBankUpdateHandler:
         embeddings = output["task_embeddings"][valid]  # V x T x C, the valid classes of every episode
         names = [self.class_names[i] for i in output["class_ids"][valid].tolist()]
         bank.update(names, embeddings)
+
+
+class NonFiniteLossGuard:
+    """Stop training before the optimizer step when the loss is NaN or infinite, naming the iteration and classes.
+
+    Raising (instead of ``engine.terminate()``) keeps the corrupted update out of the weights and of any checkpoint.
+
+    Args:
+        class_names: global class names that the episode's ``class_ids`` index.
+    """
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.class_names = list(class_names)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        if torch.isfinite(output["loss"]).all():
+            return
+        ids = output["class_ids"][output["class_valid"]].tolist()
+        classes = sorted({self.class_names[i] for i in ids})
+        raise FloatingPointError(
+            f"Non-finite loss {output['loss'].item()} at iteration {engine.state.iteration} (episode classes "
+            f"{classes}); training stopped before the optimizer step, earlier checkpoints are untouched."
+        )
 
 
 class ValidationReport:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
@@ -42,18 +46,26 @@ def intensity_normalization(modality: str, keys: Sequence[str] = ("image",)) -> 
     return Compose([clip, NormalizeIntensityd(keys)])
 
 
-def subject_preprocessing(modality: str, target_spacing: Sequence[float] | None) -> Compose:
+def subject_preprocessing(
+    modality: str,
+    target_spacing: Sequence[float] | None,
+    keys: Sequence[str] = ("image", "label"),
+    track_meta: bool = False,
+) -> Compose:
     """Deterministic steps after loading: RAS orientation, optional resampling, intensity normalisation.
 
     Args:
         modality: the dataset's modality, which picks the intensity normalisation.
         target_spacing: voxel spacing in mm, or None to keep each image's own spacing.
+        keys: ``"image"`` and optionally ``"label"`` (resampled with nearest neighbours).
+        track_meta: keep MetaTensors (inference needs them to invert the transforms); training drops them.
     """
-    steps = [Orientationd(keys=("image", "label"), axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    modes = ["nearest" if key == "label" else "bilinear" for key in keys]
+    steps = [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     if target_spacing is not None:
-        steps.append(Spacingd(keys=("image", "label"), pixdim=tuple(target_spacing), mode=("bilinear", "nearest")))
+        steps.append(Spacingd(keys=keys, pixdim=tuple(target_spacing), mode=modes))
     steps.append(intensity_normalization(modality))
-    steps.append(EnsureTyped(keys=("image", "label"), track_meta=False))
+    steps.append(EnsureTyped(keys=keys, track_meta=track_meta))
     return Compose(steps)
 
 
@@ -105,3 +117,33 @@ def episode_augmentation(
             RandGaussianNoised("image", std=0.05, prob=p / 4),
         ]
     )
+
+
+class LogitsToLabelMapd(MapTransform):
+    """Per-class logits (K x D x H x W) -> one label map (1 x D x H x W) of the classes' label values.
+
+    Each voxel takes the class of highest probability among those above 0.5 (logit > 0), or 0; no K-channel
+    probability buffer is kept.
+
+    Args:
+        keys: keys of the logits.
+        label_values: output value of each class channel, in channel order.
+    """
+
+    def __init__(self, keys: KeysCollection, label_values: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.label_values = torch.as_tensor(list(label_values), dtype=torch.int16)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            logits = d[key]
+            best, index = logits.max(dim=0, keepdim=True)
+            labels = self.label_values.to(index.device)[index]
+            labels = torch.where(best > 0, labels, torch.zeros_like(labels))
+            d[key] = (
+                MetaTensor(labels, meta=logits.meta, applied_operations=logits.applied_operations)
+                if isinstance(logits, MetaTensor)
+                else labels
+            )
+        return d

@@ -38,6 +38,11 @@ class IrisNet(nn.Module):
         self.mask_decoder = mask_decoder
         self.memory_bank = memory_bank
 
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """``(m+1, C)``: the shape of one class's task embedding."""
+        return self.task_encoder.num_query_tokens + 1, self.task_encoder.query_tokens.shape[-1]
+
     def encode_support(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Task embeddings of the K classes shown in S support images, averaged over the shots.
 

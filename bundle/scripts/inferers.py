@@ -1,0 +1,73 @@
+"""Sliding-window in-context inference that reuses task embeddings for every window and every query."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import SpatialCrop, SpatialPad
+from torch import nn
+
+from .strategies import retrieve
+
+
+class InContextInferer(Inferer):
+    """Segment a query with task embeddings set once (``set_task``), as SAM's predictor caches its image embedding.
+
+    The embeddings go through MONAI's sliding-window inferer as an extra argument, which reaches every window
+    unchanged; the support set is never re-encoded. Without embeddings the network uses its memory bank.
+
+    For the ``retrieval`` strategy (``set_retrieval``), each query is first segmented with the ensemble embeddings,
+    the objects found are encoded, and each class is re-segmented with its most similar references.
+
+    Args:
+        roi_size: window size, the training patch size.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap.
+        mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
+    """
+
+    def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 2, overlap: float = 0.5, mode: str = "gaussian"):
+        super().__init__()
+        self.roi_size = tuple(roi_size)
+        self.window = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+        self.task_embeddings: torch.Tensor | None = None
+        self._references: torch.Tensor | None = None
+        self._top_k = 1
+
+    def set_task(self, embeddings: torch.Tensor | None) -> None:
+        """Use ``embeddings`` (1 x K x (m+1) x C) for every following query; None means the memory bank."""
+        self.task_embeddings = embeddings
+        self._references = None
+
+    def set_retrieval(self, per_reference: torch.Tensor, top_k: int) -> None:
+        """Retrieve per query among ``per_reference`` (R x K x (m+1) x C), averaging the ``top_k`` most similar."""
+        self.task_embeddings = per_reference.mean(0, keepdim=True)
+        self._references = per_reference
+        self._top_k = top_k
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        """Return logits B x K x D x H x W for ``inputs`` (B x 1 x D x H x W)."""
+        logits = self.window(inputs, network, task_embeddings=self.task_embeddings)
+        if self._references is None:
+            return logits
+        found = logits[0] > 0  # K x D x H x W, the objects of the first pass
+        if not found.flatten(1).any(-1).all():
+            return logits  # a class was not found at all: keep the ensemble result for every class
+        query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
+        chosen = retrieve(self._references, query_embeddings.transpose(0, 1), self._top_k)
+        return self.window(inputs, network, task_embeddings=chosen)
+
+    def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""
+        pad = SpatialPad(spatial_size=list(self.roi_size))
+        images, masks = [], []
+        for mask in found:
+            coords = mask.nonzero()
+            crop = SpatialCrop(
+                roi_center=((coords.min(0).values + coords.max(0).values) // 2).tolist(), roi_size=self.roi_size
+            )
+            images.append(pad(crop(image)))
+            masks.append(pad(crop(mask[None].float())))
+        return torch.stack(images)[:, None], torch.stack(masks)[:, None]

@@ -1,0 +1,115 @@
+"""Inference outputs besides the label maps: ``summary.json`` and a PNG preview per query."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import LoadImage
+from PIL import Image
+
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
+     [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0]],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def query_stem(path: str) -> str:
+    """File name without directory and image extensions, as ``SaveImaged`` names its outputs."""
+    name = Path(path).name
+    for extension in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz"):
+        if name.endswith(extension):
+            return name[: -len(extension)]
+    return Path(name).stem
+
+
+def preview(image: np.ndarray, labels: np.ndarray, values: Sequence[int], path: Path) -> None:
+    """Save three orthogonal slices (through the segmented voxels' centre, else the volume centre) with an overlay."""
+    foreground = np.argwhere(labels > 0)
+    centre = foreground.mean(0).astype(int) if len(foreground) else np.array(image.shape) // 2
+    low, high = np.percentile(image, [1, 99])
+    grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
+    panels = []
+    for axis in range(3):
+        gray_slice = np.take(grey, centre[axis], axis=axis)
+        label_slice = np.take(labels, centre[axis], axis=axis)
+        rgb = np.repeat(gray_slice[..., None], 3, axis=-1)
+        for index, value in enumerate(values):
+            mask = label_slice == value
+            rgb[mask] = 0.5 * rgb[mask] + 0.5 * PALETTE[index % len(PALETTE)]
+        panels.append(np.rot90(rgb).astype(np.uint8))
+    height = max(panel.shape[0] for panel in panels)
+    padded = [np.pad(panel, ((0, height - panel.shape[0]), (0, 2), (0, 0))) for panel in panels]
+    Image.fromarray(np.concatenate(padded, axis=1)).save(path)
+
+
+class InferenceReport:
+    """Per query: voxels and volume (mL) of each class; writes ``summary.json`` at the end and a preview per query.
+
+    Args:
+        output_dir: where the label maps are written.
+        classes: class name -> label value.
+        strategy: the inference strategy, recorded in the summary.
+        references: the reference images used (empty for the memory bank or an embeddings file).
+        embeddings_file: the embeddings file used or written, if any.
+        save_previews: write ``<query>_preview.png``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        classes: Mapping[str, int],
+        strategy: str,
+        references: Sequence[str] = (),
+        embeddings_file: str | None = None,
+        save_previews: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.classes = dict(classes)
+        self.strategy = strategy
+        self.references = list(references)
+        self.embeddings_file = embeddings_file
+        self.save_previews = save_previews
+        self.queries: list[dict] = []
+        self._loader = LoadImage(image_only=True, ensure_channel_first=True)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def record(self, engine: Engine) -> None:
+        for item in engine.state.output:  # decollated: one dict per query
+            labels = item["pred"]
+            query = str(labels.meta["filename_or_obj"])
+            voxel_ml = abs(float(torch.det(torch.as_tensor(labels.affine)[:3, :3].double()))) / 1000.0
+            array = torch.as_tensor(labels).cpu().numpy()[0]
+            counts = {name: int((array == value).sum()) for name, value in self.classes.items()}
+            stem = query_stem(query)
+            self.queries.append(
+                {
+                    "query": query,
+                    "segmentation": str(self.output_dir / f"{stem}_seg.nii.gz"),
+                    "classes": {
+                        name: {"label_value": self.classes[name], "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
+                        for name, n in counts.items()
+                    },
+                }
+            )
+            if self.save_previews:
+                image = np.asarray(self._loader(query))[0]
+                preview(image, array, list(self.classes.values()), self.output_dir / f"{stem}_preview.png")
+
+    def write(self, engine: Engine) -> None:
+        summary = {
+            "strategy": self.strategy,
+            "references": self.references,
+            "embeddings_file": self.embeddings_file,
+            "queries": self.queries,
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=4))

@@ -1,0 +1,91 @@
+"""Reference (support) volumes for in-context inference: loading, checks, and patches around each class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+from .episodes import binary_masks, crop_around
+from .pool import Subject
+from .transforms import subject_preprocessing
+
+
+class SupportSetError(ValueError):
+    """A problem with the references, raised before any heavy work with the file and class named."""
+
+
+@dataclass
+class Reference:
+    """A preprocessed reference volume and where each requested class lies in it."""
+
+    path: str
+    subject: Subject  # image and label 1 x D x H x W, ``foreground`` holds all voxels of each class
+
+    def patch(self, value: int, patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (1 x P) and binary mask (1 x P) of class ``value``, centred on the class's bounding box."""
+        coords = self.subject.foreground[value]
+        centre = (coords.min(0) + coords.max(0)) // 2
+        image, label = crop_around(self.subject, centre, patch_size)
+        return image, binary_masks(label, [value], 1)
+
+
+def preprocessing(
+    modality: str, target_spacing: Sequence[float] | None, keys: Sequence[str], track_meta: bool = False
+) -> Compose:
+    """Load, channel-first, then the same deterministic preprocessing as training (orientation, spacing, intensity).
+
+    Queries keep their metadata (``track_meta``) so that predictions can be inverted to the query's geometry.
+    """
+    steps = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    return Compose([*steps, *subject_preprocessing(modality, target_spacing, keys, track_meta).transforms])
+
+
+def load_references(
+    images: Sequence[str],
+    labels: Sequence[str],
+    classes: Mapping[str, int],
+    modality: str = "CT",
+    target_spacing: Sequence[float] | None = None,
+) -> list[Reference]:
+    """Load and check reference volumes; every requested class must be labelled in every reference.
+
+    Args:
+        images: reference image paths.
+        labels: reference label-map paths, one per image.
+        classes: class name -> label value in the reference label maps.
+        modality: modality of the references (and queries), which picks the intensity normalisation.
+        target_spacing: resampling spacing, the one used in training, or None.
+
+    Raises:
+        SupportSetError: naming every missing file, and every reference that lacks a class.
+    """
+    if len(images) != len(labels) or not images:
+        raise SupportSetError(f"Give as many support_labels as support_images (got {len(images)} and {len(labels)}).")
+    if not classes:
+        raise SupportSetError("'classes' is empty: map at least one class name to its label value.")
+    missing = [path for path in [*images, *labels] if not Path(path).is_file()]
+    if missing:
+        raise SupportSetError(f"Support files not found: {missing}")
+    transform = preprocessing(modality, target_spacing, keys=("image", "label"))
+    references, problems = [], []
+    for image_path, label_path in zip(images, labels):
+        data = transform({"image": image_path, "label": label_path})
+        image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"]).round().to(torch.int16)
+        if image.shape != label.shape:
+            problems.append(f"{label_path}: shape {tuple(label.shape[1:])} differs from {tuple(image.shape[1:])}")
+            continue
+        foreground = {}
+        for name, value in classes.items():
+            coords = np.argwhere(label[0].numpy() == value)
+            if len(coords) == 0:
+                problems.append(f"{label_path}: class '{name}' (label value {value}) is empty or absent")
+            foreground[value] = coords
+        references.append(Reference(label_path, Subject(0, image_path, image, label, foreground)))
+    if problems:
+        raise SupportSetError("Invalid references:\n" + "\n".join(f"  - {problem}" for problem in problems))
+    return references

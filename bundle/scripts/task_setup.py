@@ -1,0 +1,171 @@
+"""Prepare the task before inference: which classes, and their embeddings by the chosen strategy or from a file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from .engines import unwrap
+from .inferers import InContextInferer
+from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune
+from .support import SupportSetError, load_references
+
+logger = logging.getLogger(__name__)
+
+
+def load_embeddings(path: str | Path) -> dict:
+    """Read a task-embeddings file (tensors and plain types only, loaded with ``weights_only=True``)."""
+    if not Path(path).is_file():
+        raise SupportSetError(f"embeddings_file {path} does not exist: give support images to compute it.")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or not {"classes", "embeddings"} <= set(content):
+        raise SupportSetError(f"{path} is not a task-embeddings file (expected 'classes' and 'embeddings').")
+    return content
+
+
+def save_embeddings(path: str | Path, classes: Mapping[str, int], embeddings: torch.Tensor, strategy: str) -> None:
+    """Write class names, label values and embeddings (1 x K x (m+1) x C) so references need not be shared."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    content = {"classes": dict(classes), "embeddings": embeddings.detach().cpu(), "strategy": strategy}
+    torch.save(content, path)
+
+
+def resolve_classes(
+    classes: Mapping[str, int] | Sequence[str] | None, strategy: str, embeddings_file: str | None = None
+) -> dict[str, int]:
+    """Class name -> output label value.
+
+    ``classes`` maps names to values in the support labels; for ``memory`` it lists memory-bank class names (output
+    values 1..K). Without ``classes``, an existing ``embeddings_file`` provides them; otherwise the result is empty
+    and :class:`TaskSetupHandler` reports it when inference starts.
+    """
+    if not classes:
+        if embeddings_file and Path(embeddings_file).is_file():
+            return {str(k): int(v) for k, v in load_embeddings(embeddings_file)["classes"].items()}
+        return {}
+    if isinstance(classes, Mapping):
+        return {str(name): int(value) for name, value in classes.items()}
+    if strategy != "memory":
+        raise SupportSetError(f"'classes' must map names to label values for strategy '{strategy}', got a list.")
+    return {str(name): index + 1 for index, name in enumerate(classes)}
+
+
+class TaskSetupHandler:
+    """At the start of inference (after the checkpoint is loaded), compute or load the task embeddings once.
+
+    Args:
+        network: the IrisNet.
+        inferer: the in-context inferer that receives the embeddings.
+        strategy: ``one_shot``, ``ensemble``, ``retrieval``, ``tuning`` or ``memory``.
+        classes: class name -> label value (see :func:`resolve_classes`).
+        patch_size: training patch size; references are encoded as patches of this size.
+        support_images, support_labels: reference volumes and label maps.
+        modality, target_spacing: preprocessing of the references, as in training.
+        embeddings_file: where to save the computed embeddings, or what to load when no support images are given.
+        tuning_steps, tuning_lr: in-context tuning schedule.
+        retrieval_top_k: references averaged per class by the retrieval strategy.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: InContextInferer,
+        strategy: str,
+        classes: Mapping[str, int],
+        patch_size: Sequence[int],
+        support_images: Sequence[str] = (),
+        support_labels: Sequence[str] = (),
+        modality: str = "CT",
+        target_spacing: Sequence[float] | None = None,
+        embeddings_file: str | None = None,
+        tuning_steps: int = 20,
+        tuning_lr: float = 1e-3,
+        retrieval_top_k: int = 1,
+    ) -> None:
+        self.network = network
+        self.inferer = inferer
+        self.strategy = strategy
+        self.classes = dict(classes)
+        self.patch_size = tuple(patch_size)
+        self.support_images, self.support_labels = list(support_images), list(support_labels)
+        self.modality, self.target_spacing = modality, target_spacing
+        self.embeddings_file = embeddings_file
+        self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
+        self.tuning_losses: list[float] = []
+
+    def check(self) -> None:
+        """Reject an unusable task before any image is read."""
+        check_strategy(self.strategy)
+        if not self.classes:
+            raise SupportSetError("Give 'classes' (name -> label value, or memory-bank names for strategy 'memory').")
+        if self.strategy == "memory" or self.support_images:
+            return
+        if not self.embeddings_file:
+            raise SupportSetError(
+                f"Strategy '{self.strategy}' needs support_images and support_labels, or an embeddings_file."
+            )
+        if self.strategy == "retrieval":
+            raise SupportSetError("Strategy 'retrieval' chooses among references per query: give support images.")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.check()
+        network = unwrap(self.network)
+        names = list(self.classes)
+        if self.strategy == "memory":
+            self.inferer.set_task(memory(network, names).to(next(network.parameters()).device))
+            return
+        if not self.support_images:
+            self.inferer.set_task(self._loaded(network))
+            return
+        references = load_references(
+            self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing
+        )
+        values = list(self.classes.values())
+        per_reference = encode_references(network, references, values, self.patch_size)  # R x K x T x C
+        if self.strategy == "retrieval":
+            self.inferer.set_retrieval(per_reference, self.retrieval_top_k)
+            embeddings = per_reference.mean(0, keepdim=True)
+        elif self.strategy == "one_shot":
+            embeddings = one_shot(per_reference)
+        else:
+            embeddings = ensemble(per_reference)
+            if self.strategy == "tuning":
+                embeddings = tune(
+                    network, embeddings, references, values, self.patch_size, self.tuning_steps, self.tuning_lr,
+                    on_step=lambda step, loss: self.tuning_losses.append(loss),
+                )  # fmt: skip
+                logger.info(
+                    f"In-context tuning: support loss {self.tuning_losses[0]:.4f} -> {self.tuning_losses[-1]:.4f}"
+                )
+        if self.strategy != "retrieval":
+            self.inferer.set_task(embeddings)
+        if self.embeddings_file:
+            save_embeddings(self.embeddings_file, self.classes, embeddings, self.strategy)
+            logger.info(f"Saved task embeddings of {names} to {self.embeddings_file}")
+
+    def _loaded(self, network: nn.Module) -> torch.Tensor:
+        content = load_embeddings(self.embeddings_file)
+        embeddings = content["embeddings"]
+        expected = (
+            network.task_encoder.num_query_tokens + 1,
+            network.mask_decoder.transformer.norm_final.normalized_shape[0],
+        )
+        if embeddings.dim() != 4 or tuple(embeddings.shape[2:]) != expected:
+            raise SupportSetError(
+                f"{self.embeddings_file} holds embeddings of shape {tuple(embeddings.shape)}, but this network expects "
+                f"1 x K x {expected[0]} x {expected[1]}: it was computed with a different network size."
+            )
+        stored = {str(k): int(v) for k, v in content["classes"].items()}
+        if stored != self.classes:
+            raise SupportSetError(
+                f"{self.embeddings_file} holds classes {stored}, but 'classes' asks for {self.classes}."
+            )
+        return embeddings.to(next(network.parameters()).device)

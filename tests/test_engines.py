@@ -1,0 +1,127 @@
+"""EpisodicTrainer / EpisodicEvaluator with their handlers, on real episodes of a small demo data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from monai.data import DataLoader
+from monai.inferers import SlidingWindowInferer
+
+from scripts.engines import EpisodicEvaluator, EpisodicTrainer
+from scripts.episodes import EpisodeDataset, OneShotValidationDataset
+from scripts.handlers import MemoryBankUpdateHandler, NonFiniteLossGuard
+from scripts.losses import DiceBCELoss
+from scripts.metrics import ClassGroupDice
+from scripts.networks import build_iris_net
+from scripts.optimizers import Lamb
+from scripts.pool import DatasetPool
+
+PATCH = (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def pools(demo_dataset: Path) -> tuple[DatasetPool, DatasetPool]:
+    return DatasetPool([str(demo_dataset)], "training", num_workers=1), DatasetPool([str(demo_dataset)], "validation")
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_iris_net(base_channels=4, num_query_tokens=3, num_heads=4, channel_multipliers=(1, 2, 4, 8))
+
+
+def _trainer(pool: DatasetPool, net: torch.nn.Module, iterations: int, **options) -> EpisodicTrainer:
+    loader = DataLoader(EpisodeDataset(pool, 2 * iterations, PATCH, max_classes=3, seed=0), batch_size=2)
+    loss = options.pop("loss_function", DiceBCELoss())
+    handlers = [MemoryBankUpdateHandler(net, pool.class_names), NonFiniteLossGuard(pool.class_names)]
+    return EpisodicTrainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=iterations,
+        train_data_loader=loader,
+        network=net,
+        optimizer=Lamb(net.parameters(), lr=1e-3),
+        loss_function=loss,
+        train_handlers=handlers,
+        **options,
+    )
+
+
+def test_training_updates_weights_and_memory_bank(pools) -> None:
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer = _trainer(pools[0], net, iterations=2, gradient_clip_norm=0.05)
+    norms = []
+    trainer.add_event_handler(
+        "iteration_completed",
+        lambda engine: norms.append(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()])).item()),
+    )
+    trainer.run()
+    assert all(n <= 0.05 + 1e-4 for n in norms)  # clipped before the step
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    output = trainer.state.output
+    assert output["task_embeddings"].shape == (2, 3, 4, 32)
+    assert len(net.memory_bank) >= 1
+    assert not set(net.memory_bank.class_names) & set(pools[0].held_out_class_names)
+
+
+def test_accumulation_steps_the_optimizer_every_other_iteration(pools) -> None:
+    net = _net()
+    trainer = _trainer(pools[0], net, iterations=2, accumulation_steps=2)
+    snapshots = []
+    trainer.add_event_handler(
+        "iteration_completed", lambda _: snapshots.append(net.encoder.stages[0][0].conv1.conv.weight.clone())
+    )
+    initial = net.encoder.stages[0][0].conv1.conv.weight.clone()
+    trainer.run()
+    assert torch.equal(snapshots[0], initial)
+    assert not torch.equal(snapshots[1], initial)
+
+
+def test_bf16_autocast_on_cpu_trains(pools) -> None:
+    net = _net()
+    trainer = _trainer(pools[0], net, iterations=1, amp=True)
+    dtypes = []
+    trainer.add_event_handler("forward_completed", lambda engine: dtypes.append(engine.state.output["pred"].dtype))
+    trainer.run()
+    assert dtypes == [torch.bfloat16]
+    assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_non_finite_loss_stops_before_the_step(pools) -> None:
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def nan_loss(logits, target, valid):
+        return logits.mean() * float("nan")
+
+    trainer = _trainer(pools[0], net, iterations=1, loss_function=nan_loss)
+    with pytest.raises(FloatingPointError, match="iteration 1"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_evaluator_encodes_each_reference_once_and_reports_groups(pools) -> None:
+    train_pool, val_pool = pools
+    net = _net()
+    calls = []
+    net.task_encoder.register_forward_hook(lambda *args: calls.append(1))
+    metrics = {
+        "val_seen_dice": ClassGroupDice(val_pool.class_names, val_pool.held_out_class_names, "seen"),
+        "val_held_out_dice": ClassGroupDice(val_pool.class_names, val_pool.held_out_class_names, "held_out"),
+    }
+    dataset = OneShotValidationDataset(val_pool, train_pool, PATCH)
+    evaluator = EpisodicEvaluator(
+        device="cpu",
+        val_data_loader=DataLoader(dataset, batch_size=1),
+        network=net,
+        inferer=SlidingWindowInferer(roi_size=PATCH, sw_batch_size=2, overlap=0.5),
+        key_val_metric={"val_seen_dice": metrics["val_seen_dice"]},
+        additional_metrics={"val_held_out_dice": metrics["val_held_out_dice"]},
+    )
+    evaluator.run()
+    assert len(calls) == len(dataset)  # one support encoding per case, not per sliding window
+    for name in metrics:
+        assert 0.0 <= evaluator.state.metrics[name] <= 1.0
+    assert set(metrics["val_held_out_dice"].per_class()) <= set(val_pool.held_out_class_names)

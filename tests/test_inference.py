@@ -1,0 +1,207 @@
+"""inference.json: every strategy, output geometry, embeddings reuse and files, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from scripts.networks import build_iris_net
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 3, "channel_multipliers": [1, 2, 4, 8]}
+CLASSES = {"sphere": 1, "box": 3}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny network with two memory-bank classes, saved as the bundle saves ``model.pt``."""
+    torch.manual_seed(0)
+    net = build_iris_net(**SIZE)
+    net.memory_bank.update(["IrisDemo/sphere", "IrisDemo/box"], torch.randn(2, 4, 32))
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dataset: Path) -> dict:
+    content = json.loads(demo_dataset.read_text())
+    root = demo_dataset.parent
+    return {
+        "support_images": [str(root / content["training"][i]["image"]) for i in range(2)],
+        "support_labels": [str(root / content["training"][i]["label"]) for i in range(2)],
+        "queries": [str(root / item["image"]) for item in content["validation"]],
+    }
+
+
+def run_inference(checkpoint: Path, output_dir: Path, **overrides) -> ConfigWorkflow:
+    options = {
+        "bundle_root": str(REPO_ROOT / "bundle"),
+        "ckpt_path": str(checkpoint),
+        "output_dir": str(output_dir),
+        "patch_size": [32, 32, 32],
+        "target_spacing": None,
+        "sw_batch_size": 4,
+        **SIZE,
+        **overrides,
+    }
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="infer",
+        **options,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def assert_label_map_like(query: str, segmentation: Path, allowed: set[int]) -> np.ndarray:
+    source, result = nib.load(query), nib.load(segmentation)
+    assert result.shape == source.shape
+    np.testing.assert_allclose(result.affine, source.affine, atol=1e-4)
+    values = np.asarray(result.dataobj)
+    assert set(np.unique(values).tolist()) <= allowed
+    return values
+
+
+def test_infer_config_has_every_property() -> None:
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        workflow_type="infer",
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+@pytest.mark.parametrize("strategy", ["one_shot", "ensemble", "retrieval", "tuning", "memory"])
+def test_every_strategy_writes_valid_label_maps(strategy: str, checkpoint: Path, demo: dict, tmp_path: Path) -> None:
+    support = {} if strategy == "memory" else {k: demo[k] for k in ("support_images", "support_labels")}
+    classes = ["IrisDemo/sphere", "IrisDemo/box"] if strategy == "memory" else CLASSES
+    workflow = run_inference(
+        checkpoint, tmp_path, strategy=strategy, classes=classes, query_images=demo["queries"], tuning_steps=5,
+        tuning_lr=0.05, **support,
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == strategy and len(summary["queries"]) == len(demo["queries"])
+    allowed = {0, 1, 2} if strategy == "memory" else {0, 1, 3}
+    for query, entry in zip(demo["queries"], summary["queries"]):
+        assert entry["query"] == query
+        values = assert_label_map_like(query, Path(entry["segmentation"]), allowed)
+        for name, stats in entry["classes"].items():
+            assert stats["voxels"] == int((values == stats["label_value"]).sum())
+            assert stats["volume_ml"] == pytest.approx(stats["voxels"] * 1.5**3 / 1000, rel=1e-3)
+        assert Path(entry["segmentation"].replace("_seg.nii.gz", "_preview.png")).is_file()
+    if strategy == "tuning":
+        losses = workflow.parser.get_parsed_content("task_setup").tuning_losses
+        assert len(losses) == 5 and losses[-1] < losses[0]
+
+
+def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
+    calls = []
+    original = torch.nn.Module.__call__
+
+    def counting_call(module, *args, **kwargs):
+        if type(module).__name__ == "TaskEncoder":
+            calls.append(args[0].shape[0])
+        return original(module, *args, **kwargs)
+
+    torch.nn.Module.__call__ = counting_call
+    try:
+        run_inference(
+            checkpoint,
+            tmp_path,
+            classes=CLASSES,
+            query_images=demo["queries"],
+            **{k: demo[k] for k in ("support_images", "support_labels")},
+        )
+    finally:
+        torch.nn.Module.__call__ = original
+    assert calls == [2 * 2]  # one batched encoding of 2 references x 2 classes, none per window or query
+
+
+def test_embeddings_file_round_trip(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
+    embeddings = tmp_path / "task.pt"
+    support = {k: demo[k] for k in ("support_images", "support_labels")}
+    run_inference(
+        checkpoint,
+        tmp_path / "a",
+        strategy="ensemble",
+        classes=CLASSES,
+        query_images=demo["queries"][:1],
+        embeddings_file=str(embeddings),
+        **support,
+    )
+    content = torch.load(embeddings, weights_only=True)
+    assert content["classes"] == CLASSES and content["embeddings"].shape == (1, 2, 4, 32)
+    run_inference(
+        checkpoint,
+        tmp_path / "b",
+        strategy="ensemble",
+        query_images=demo["queries"][:1],
+        embeddings_file=str(embeddings),
+    )
+    name = Path(demo["queries"][0]).name.replace(".nii.gz", "_seg.nii.gz")
+    first = np.asarray(nib.load(tmp_path / "a" / name).dataobj)
+    second = np.asarray(nib.load(tmp_path / "b" / name).dataobj)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_output_geometry_follows_anisotropic_oblique_non_ras_queries(checkpoint: Path, demo: dict, tmp_path: Path):
+    source = nib.load(demo["queries"][0])
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-0.9, -1.3, 2.5])  # LPS-like flips, anisotropic, oblique
+    affine[:3, 3] = [12.0, -40.0, 7.5]
+    query = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, :30], affine), query)
+    run_inference(
+        checkpoint,
+        tmp_path / "out",
+        classes=CLASSES,
+        query_images=[str(query)],
+        target_spacing=[1.5, 1.5, 1.5],
+        **{k: demo[k] for k in ("support_images", "support_labels")},
+    )
+    assert_label_map_like(str(query), tmp_path / "out" / "oblique_seg.nii.gz", {0, 1, 3})
+
+
+def chained_messages(error: BaseException) -> str:
+    """Messages of an exception and its causes (MONAI wraps errors raised inside config expressions)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
+    support = {k: demo[k] for k in ("support_images", "support_labels")}
+    other = tmp_path / "other.pt"
+    torch.save({"classes": CLASSES, "embeddings": torch.zeros(1, 2, 9, 80)}, other)
+    cases = [
+        ({"strategy": "best", "classes": CLASSES, **support}, ["Unknown strategy 'best'"]),
+        ({"classes": {"ghost": 42}, **support}, ["class 'ghost' (label value 42)", demo["support_labels"][0]]),
+        ({"classes": CLASSES}, ["needs support_images"]),
+        ({"classes": CLASSES, "embeddings_file": str(other)}, ["different network size", str(other)]),
+        ({"classes": CLASSES, "support_images": [str(tmp_path / "nowhere.nii.gz")], "support_labels": [str(other)]},
+         ["not found", "nowhere.nii.gz"]),
+    ]  # fmt: skip
+    for overrides, expected in cases:
+        with pytest.raises(Exception) as error:
+            run_inference(checkpoint, tmp_path / "out", query_images=demo["queries"], **overrides)
+        messages = chained_messages(error.value)
+        assert all(text in messages for text in expected), messages
+        assert not (tmp_path / "out" / "summary.json").exists()  # failed before segmenting anything
