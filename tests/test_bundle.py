@@ -21,7 +21,7 @@ SCHEMA = Path(__file__).resolve().parent / "schemas" / "meta_schema_20240725.jso
 TINY = ["--base_channels", "4", "--num_heads", "4", "--patch_size", "[32,32,32]", "--batch_size", "2"]
 
 
-def _workflow(*config_files: str, workflow_type: str = "train") -> ConfigWorkflow:
+def _workflow(*config_files: str, workflow_type: str = "train", **overrides) -> ConfigWorkflow:
     files = [str(CONFIGS / name) for name in config_files]
     return ConfigWorkflow(
         config_file=files if len(files) > 1 else files[0],
@@ -29,12 +29,14 @@ def _workflow(*config_files: str, workflow_type: str = "train") -> ConfigWorkflo
         logging_file=str(CONFIGS / "logging.conf"),
         workflow_type=workflow_type,
         run_id="training",
+        **overrides,
     )
 
 
 @pytest.mark.parametrize("configs", [("train.json",), ("train.json", "demo.json")])
-def test_train_config_has_every_property(configs: tuple[str, ...]) -> None:
-    workflow = _workflow(*configs)
+def test_train_config_has_every_property(configs: tuple[str, ...], demo_dataset: Path) -> None:
+    # resolving the properties builds the datasets, so point the workflow at real (demo) data
+    workflow = _workflow(*configs, dataset_dir=str(demo_dataset.parent))
     workflow.initialize()
     assert workflow.check_properties() == []
 
@@ -75,7 +77,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert not set(report["per_class"]["val_seen_dice"]) & set(held_out)
 
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    net = build_iris_net(base_channels=4, num_query_tokens=8, num_heads=4)
+    net = build_iris_net(base_channels=4, num_query_tokens=8, num_heads=4, channel_multipliers=(1, 2, 4, 8))
     net.load_state_dict(state)
     assert net.memory_bank.class_names and all(n.startswith("IrisDemo/") for n in net.memory_bank.class_names)
     assert not set(net.memory_bank.class_names) & {"IrisDemo/torus", "IrisDemo/multi_blob", "IrisDemo/branching_tube"}

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader
+from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
 
 from scripts.engines import EpisodicEvaluator, EpisodicTrainer
@@ -54,7 +56,7 @@ def test_training_updates_weights_and_memory_bank(pools) -> None:
     trainer = _trainer(pools[0], net, iterations=2, gradient_clip_norm=0.05)
     norms = []
     trainer.add_event_handler(
-        "iteration_completed",
+        Events.ITERATION_COMPLETED,
         lambda engine: norms.append(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()])).item()),
     )
     trainer.run()
@@ -71,7 +73,7 @@ def test_accumulation_steps_the_optimizer_every_other_iteration(pools) -> None:
     trainer = _trainer(pools[0], net, iterations=2, accumulation_steps=2)
     snapshots = []
     trainer.add_event_handler(
-        "iteration_completed", lambda _: snapshots.append(net.encoder.stages[0][0].conv1.conv.weight.clone())
+        Events.ITERATION_COMPLETED, lambda _: snapshots.append(net.encoder.stages[0][0].conv1.conv.weight.clone())
     )
     initial = net.encoder.stages[0][0].conv1.conv.weight.clone()
     trainer.run()
@@ -83,7 +85,9 @@ def test_bf16_autocast_on_cpu_trains(pools) -> None:
     net = _net()
     trainer = _trainer(pools[0], net, iterations=1, amp=True)
     dtypes = []
-    trainer.add_event_handler("forward_completed", lambda engine: dtypes.append(engine.state.output["pred"].dtype))
+    trainer.add_event_handler(
+        IterationEvents.FORWARD_COMPLETED, lambda engine: dtypes.append(engine.state.output["pred"].dtype)
+    )
     trainer.run()
     assert dtypes == [torch.bfloat16]
     assert torch.isfinite(trainer.state.output["loss"])

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer
 from monai.utils import CommonKeys as Keys
@@ -76,11 +77,15 @@ class EpisodicTrainer(SupervisedTrainer):
             decollate=False,
             accumulation_steps=accumulation_steps,
         )
-        device_type = torch.device(device).type
         self.amp = amp
-        self.amp_dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda") if amp and device_type == "cuda" else None
+        self.amp_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
         self.gradient_clip_norm = gradient_clip_norm
+
+    def run(self) -> None:
+        """As ``Trainer.run``, but with a GradScaler only for fp16 on CUDA: bf16 autocast on CPU needs none."""
+        fp16 = self.amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        Workflow.run(self)  # skip Trainer.run, which would create a CUDA-only scaler whenever amp is set
 
     def _iteration(self, engine: EpisodicTrainer, batchdata: dict) -> dict:
         episode = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)

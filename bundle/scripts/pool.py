@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data.utils import affine_to_spacing
 from monai.transforms import EnsureChannelFirstd, LoadImaged
+from monai.utils import convert_to_tensor
 
 from .transforms import subject_preprocessing
 
@@ -53,6 +55,7 @@ class Subject:
     image: torch.Tensor
     label: torch.Tensor
     foreground: dict[int, np.ndarray] = field(default_factory=dict)  # label value -> N x 3 voxel coordinates
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)  # voxel size in mm after preprocessing, for surface metrics
 
     @property
     def classes(self) -> set[int]:
@@ -112,7 +115,9 @@ class DatasetPool:
             raise DatasetPoolError(f"Dataset names in the pool must be unique, got {names}.")
         self.split = split
         self.min_class_voxels = min_class_voxels
-        self._preprocess = [subject_preprocessing(info.modality, target_spacing) for info in self.datasets]
+        self._preprocess = [
+            subject_preprocessing(info.modality, target_spacing, track_meta=True) for info in self.datasets
+        ]
         self._load = LoadImaged(keys=("image", "label"), image_only=True)
         self._channel_first = EnsureChannelFirstd(keys=("image", "label"))
         self.subjects = self._load_all(num_workers, skip_invalid)
@@ -174,13 +179,15 @@ class DatasetPool:
         if problem:
             return problem
         data = self._preprocess[dataset](data)
-        label = torch.as_tensor(data["label"]).round().to(torch.int16)
+        spacing = tuple(float(x) for x in affine_to_spacing(data["image"].affine, r=3))
+        label = convert_to_tensor(data["label"], track_meta=False).round().to(torch.int16)
         return Subject(
             dataset=dataset,
             image_path=record["image"],
-            image=torch.as_tensor(data["image"], dtype=torch.float32),
+            image=convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False),
             label=label,
             foreground=self._foreground(label, seed=zlib.crc32(record["image"].encode())),
+            spacing=spacing,
         )
 
     def _check(self, dataset: int, record: dict[str, str], data: dict) -> str | None:
@@ -193,7 +200,7 @@ class DatasetPool:
             return f"{record['label']}: affine differs from the image's affine"
         if not torch.isfinite(torch.as_tensor(image)).all():
             return f"{record['image']}: contains NaN or Inf voxels"
-        values = set(torch.unique(torch.as_tensor(label)).tolist())
+        values = {int(v) for v in torch.unique(torch.as_tensor(label)).tolist()}
         unknown = values - set(self.datasets[dataset].labels) - {0}
         if unknown:
             names = sorted(self.datasets[dataset].labels)

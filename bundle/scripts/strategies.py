@@ -80,12 +80,24 @@ def retrieve(per_reference: torch.Tensor, query_embeddings: torch.Tensor, top_k:
     return chosen.mean(0, keepdim=True)
 
 
+def tuning_patches(
+    references_per_class: Sequence[Sequence[Reference]], values: Sequence[int], patch_size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every reference patch of every class: images N x 1 x P, masks N x P and the class index of each patch (N)."""
+    images, masks, classes = [], [], []
+    for index, (references, value) in enumerate(zip(references_per_class, values)):
+        for reference in references:
+            image, mask = reference.patch(value, patch_size)
+            images.append(image)
+            masks.append(mask[0].float())
+            classes.append(index)
+    return torch.stack(images), torch.stack(masks), torch.tensor(classes)
+
+
 def tune(
     network: nn.Module,
     initial: torch.Tensor,
-    references: Sequence[Reference],
-    values: Sequence[int],
-    patch_size: Sequence[int],
+    patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     steps: int = 20,
     lr: float = 1e-3,
     on_step: Callable[[int, float], None] | None = None,
@@ -96,14 +108,13 @@ def tune(
 
     Args:
         initial: 1 x K x T x C starting embeddings (usually the ensemble).
+        patches: output of :func:`tuning_patches`.
         on_step: called with ``(step, loss)`` after every step, e.g. to log the support loss.
     """
-    images, masks = reference_patches(references, values, patch_size)  # (R*K) x 1 x 1 x P
     device = _device(network)
-    images, masks = images[:, 0].to(device), masks[:, 0, 0].to(device)  # (R*K) x 1 x P, (R*K) x P
-    k = len(values)
-    own_class = torch.eye(k, dtype=torch.bool, device=device).repeat(len(references), 1)  # (R*K) x K
-    target = masks[:, None] * own_class[..., None, None, None]  # (R*K) x K x P, only the patch's class is supervised
+    images, masks, classes = (t.to(device) for t in patches)  # N x 1 x P, N x P, N
+    own_class = F.one_hot(classes, initial.shape[1]).bool()  # N x K
+    target = masks[:, None] * own_class[(...,) + (None,) * (masks.dim() - 1)]  # N x K x P, only its class supervised
     embeddings = initial.detach().clone().to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([embeddings], lr=lr)
     loss_fn = DiceBCELoss()
@@ -114,9 +125,10 @@ def tune(
     try:
         for step in range(steps):
             optimizer.zero_grad()
-            logits = network(images, embeddings.expand(images.shape[0], -1, -1, -1))
-            loss = loss_fn(logits, target, own_class)
-            loss.backward()
+            with torch.enable_grad():
+                logits = network(images, embeddings.expand(images.shape[0], -1, -1, -1))
+                loss = loss_fn(logits, target, own_class)
+                loss.backward()
             optimizer.step()
             if on_step is not None:
                 on_step(step, loss.item())

@@ -12,7 +12,7 @@ from torch import nn
 
 from .engines import unwrap
 from .inferers import InContextInferer
-from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune
+from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import SupportSetError, load_references
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class TaskSetupHandler:
         else:
             embeddings = ensemble(per_reference)
             if self.strategy == "tuning":
+                patches = tuning_patches([references] * len(values), values, self.patch_size)
                 embeddings = tune(
-                    network, embeddings, references, values, self.patch_size, self.tuning_steps, self.tuning_lr,
+                    network, embeddings, patches, self.tuning_steps, self.tuning_lr,
                     on_step=lambda step, loss: self.tuning_losses.append(loss),
                 )  # fmt: skip
                 logger.info(
