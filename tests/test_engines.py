@@ -33,10 +33,10 @@ def _net() -> torch.nn.Module:
     return build_iris_net(base_channels=4, num_query_tokens=3, num_heads=4, channel_multipliers=(1, 2, 4, 8))
 
 
-def _trainer(pool: DatasetPool, net: torch.nn.Module, iterations: int, **options) -> EpisodicTrainer:
-    loader = DataLoader(EpisodeDataset(pool, 2 * iterations, PATCH, max_classes=3, seed=0), batch_size=2)
+def _trainer(pool: DatasetPool, net: torch.nn.Module, iterations: int, loader=None, **options) -> EpisodicTrainer:
+    loader = loader or DataLoader(EpisodeDataset(pool, 2 * iterations, PATCH, max_classes=3, seed=0), batch_size=2)
     loss = options.pop("loss_function", DiceBCELoss())
-    handlers = [MemoryBankUpdateHandler(net, pool.class_names), NonFiniteLossGuard(pool.class_names)]
+    handlers = [MemoryBankUpdateHandler(net, pool.class_names), NonFiniteLossGuard(pool)]
     return EpisodicTrainer(
         device="cpu",
         max_epochs=1,
@@ -101,8 +101,9 @@ def test_non_finite_loss_stops_before_the_step(pools) -> None:
         return logits.mean() * float("nan")
 
     trainer = _trainer(pools[0], net, iterations=1, loss_function=nan_loss)
-    with pytest.raises(FloatingPointError, match="iteration 1"):
+    with pytest.raises(FloatingPointError, match="iteration 1") as error:
         trainer.run()
+    assert "IrisDemo/" in str(error.value) and ".nii.gz" in str(error.value)  # names classes and subjects
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
@@ -129,3 +130,19 @@ def test_evaluator_encodes_each_reference_once_and_reports_groups(pools) -> None
     for name in metrics:
         assert 0.0 <= evaluator.state.metrics[name] <= 1.0
     assert set(metrics["val_held_out_dice"].per_class()) <= set(val_pool.held_out_class_names)
+
+
+def test_bf16_loss_follows_fp32_on_a_fixed_episode(pools) -> None:
+    episode = EpisodeDataset(pools[0], 2, PATCH, max_classes=3, seed=5)
+    batch = [episode[0], episode[1]]
+    losses = {}
+    for amp in (False, True):
+        net = _net()
+        same_episode = DataLoader([batch[0], batch[1]] * 6, batch_size=2)  # the same batch every step
+        trainer = _trainer(pools[0], net, iterations=6, loader=same_episode, amp=amp)
+        history = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output["loss"].item()))
+        trainer.run()
+        losses[amp] = history
+    assert losses[True][-1] < losses[True][0]
+    assert abs(losses[True][-1] - losses[False][-1]) < 0.05 * losses[False][-1]

@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
+from monai.engines.workflow import Workflow
 from monai.inferers import Inferer, SimpleInferer
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -95,6 +95,7 @@ class EpisodicTrainer(SupervisedTrainer):
             Keys.LABEL: target,
             "class_ids": episode["class_ids"],
             "class_valid": valid,
+            "subject_ids": episode.get("subject_ids"),
         }
         acc = engine.accumulation_steps
         local_iter = (engine.state.iteration - 1) % acc

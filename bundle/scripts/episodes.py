@@ -1,7 +1,7 @@
 """Episodes over a dataset pool: training episodes (support + query patches) and 1-shot validation cases.
 
 Every item is a pure function of ``(seed, index)``, so episodes are reproducible whatever the number of DataLoader
-workers or ranks, and a resumed run can continue the exact sequence.
+workers or ranks, and a resumed run continues the exact sequence by skipping the episodes already used (``start``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class EpisodeDataset(Dataset):
     Items (``K = max_classes``, ``S = k_shot``, ``P = patch size``):
         ``support_image`` S x 1 x P, ``support_mask`` S x K x P (uint8), ``query_image`` 1 x P,
         ``query_mask`` K x P (uint8), ``class_valid`` K (bool), ``class_ids`` K (long, index into
-        ``pool.class_names``, -1 for padding).
+        ``pool.class_names``, -1 for padding), ``subject_ids`` S + 1 (indices into ``pool.subjects``, query first).
 
     Args:
         pool: training subjects.
@@ -82,6 +82,7 @@ class EpisodeDataset(Dataset):
         self.drop_prob = random_class_drop_prob
         self.query_noise_std = query_noise_std
         self.seed = seed
+        self.start = 0  # episodes already consumed by a resumed run
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
@@ -114,7 +115,7 @@ class EpisodeDataset(Dataset):
         return weights / weights.sum()
 
     def __len__(self) -> int:
-        return self.length
+        return self.length - self.start
 
     def _patch(self, rng: np.random.Generator, subject: Subject, value: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop around a random foreground voxel of ``value``, jittered by up to a quarter patch."""
@@ -138,7 +139,7 @@ class EpisodeDataset(Dataset):
         return [anchor, *others]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.start + index])
         self.augment.set_random_state(seed=int(rng.integers(2**31)))
         dataset = int(rng.choice(len(self._weights), p=self._weights))
         holders = self._holders[dataset]
@@ -169,6 +170,7 @@ class EpisodeDataset(Dataset):
             "query_mask": binary_masks(query_label, values, self.max_classes),
             "class_valid": class_ids >= 0,
             "class_ids": class_ids,
+            "subject_ids": torch.as_tensor(chosen, dtype=torch.long),  # query first, then the supports
         }
 
 

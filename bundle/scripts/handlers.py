@@ -13,14 +13,19 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from .distributed import gather_objects, is_main_process
 from .engines import unwrap
 from .metrics import ClassGroupDice
+from .pool import DatasetPool
 
 logger = logging.getLogger(__name__)
 
 
 class MemoryBankUpdateHandler:
     """After every iteration, fold the episode's task embeddings into the network's memory bank (EMA per class).
+
+    Under DDP every rank gathers the valid embeddings of all ranks (in rank order) and applies the same update, so
+    the banks stay bit-identical without relying on DDP's buffer broadcast.
 
     Args:
         network: the trained IrisNet (or a DDP wrapper of it).
@@ -42,20 +47,22 @@ class MemoryBankUpdateHandler:
         valid = output["class_valid"]  # B x K
         embeddings = output["task_embeddings"][valid]  # V x T x C, the valid classes of every episode
         names = [self.class_names[i] for i in output["class_ids"][valid].tolist()]
-        bank.update(names, embeddings)
+        gathered = gather_objects((names, embeddings.cpu()))
+        all_names = [name for rank_names, _ in gathered for name in rank_names]
+        bank.update(all_names, torch.cat([rank_embeddings for _, rank_embeddings in gathered]).to(embeddings.device))
 
 
 class NonFiniteLossGuard:
-    """Stop training before the optimizer step when the loss is NaN or infinite, naming the iteration and classes.
+    """Stop training before the optimizer step when the loss is NaN or infinite, naming the iteration and episode.
 
     Raising (instead of ``engine.terminate()``) keeps the corrupted update out of the weights and of any checkpoint.
 
     Args:
-        class_names: global class names that the episode's ``class_ids`` index.
+        pool: the training pool, to name the episode's classes and subjects.
     """
 
-    def __init__(self, class_names: Sequence[str]) -> None:
-        self.class_names = list(class_names)
+    def __init__(self, pool: DatasetPool) -> None:
+        self.pool = pool
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
@@ -64,11 +71,13 @@ class NonFiniteLossGuard:
         output = engine.state.output
         if torch.isfinite(output["loss"]).all():
             return
-        ids = output["class_ids"][output["class_valid"]].tolist()
-        classes = sorted({self.class_names[i] for i in ids})
+        classes = sorted({self.pool.class_names[i] for i in output["class_ids"][output["class_valid"]].tolist()})
+        subjects = output.get("subject_ids")
+        paths = [] if subjects is None else [self.pool.subjects[i].image_path for i in subjects.flatten().tolist()]
         raise FloatingPointError(
-            f"Non-finite loss {output['loss'].item()} at iteration {engine.state.iteration} (episode classes "
-            f"{classes}); training stopped before the optimizer step, earlier checkpoints are untouched."
+            f"Non-finite loss {output['loss'].item()} at iteration {engine.state.iteration}; "
+            f"episode classes {classes}, subjects (query first per episode) {paths}. "
+            "Training stopped before the optimizer step; the last checkpoint is intact."
         )
 
 
@@ -103,6 +112,8 @@ class ValidationReport:
             "mean": scores,
             "per_class": {name: metric.per_class() for name, metric in self.metrics.items()},
         }
+        if not is_main_process():
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "validation_report.json").write_text(json.dumps(report, indent=4))
         summary = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())

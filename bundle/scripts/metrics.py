@@ -9,6 +9,8 @@ import torch
 from ignite.metrics import Metric
 from monai.metrics import compute_dice
 
+from .distributed import gather_objects
+
 GROUPS = ("seen", "held_out", "all")
 
 
@@ -56,8 +58,12 @@ class ClassGroupDice(Metric):
                 self._scores[self.class_names[class_id]].append(score)
 
     def per_class(self) -> dict[str, float]:
-        """Mean Dice of each class of the group seen since the last reset."""
-        return {name: sum(scores) / len(scores) for name, scores in sorted(self._scores.items())}
+        """Mean Dice of each class of the group seen since the last reset, over the cases of every rank."""
+        merged: dict[str, list[float]] = defaultdict(list)
+        for scores in gather_objects(dict(self._scores)):
+            for name, values in scores.items():
+                merged[name].extend(values)
+        return {name: sum(scores) / len(scores) for name, scores in sorted(merged.items())}
 
     def compute(self) -> float:
         means = list(self.per_class().values())

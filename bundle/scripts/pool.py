@@ -192,6 +192,8 @@ class DatasetPool:
 
     def _check(self, dataset: int, record: dict[str, str], data: dict) -> str | None:
         image, label = data["image"], data["label"]
+        if image.dim() != 4:
+            return f"{record['image']}: has {image.dim() - 1} spatial dimensions, a 3D volume is expected"
         if image.shape[1:] != label.shape[1:]:
             return (
                 f"{record['label']}: shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"

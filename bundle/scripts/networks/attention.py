@@ -12,7 +12,7 @@ from torch import nn
 class Attention(nn.Module):
     """Multi-head attention with separate query/key/value projections, as in segment-anything.
 
-    Softmax runs through ``scaled_dot_product_attention``, which keeps fp32 accumulation under autocast.
+    The softmax is computed in fp32 even under autocast, so fp16/bf16 training cannot overflow it.
 
     Args:
         embed_dim: token width ``C``.
@@ -51,8 +51,9 @@ class Attention(nn.Module):
             self._split_heads(self.v_proj(v)),
         )
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # B x 1 x 1 x Nk, broadcast over heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).flatten(2)  # B x heads x Nq x C/heads -> B x Nq x C
+        with torch.autocast(q.device.type, enabled=False):  # softmax in fp32 under AMP (tokens are few)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)  # B x heads x Nq x C/heads -> B x Nq x C
         return self.out_proj(out)
 
 

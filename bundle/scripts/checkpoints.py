@@ -1,0 +1,184 @@
+"""Crash-safe training checkpoints: atomic writes, pruning, and automatic resume of the same command.
+
+A checkpoint holds the network (with its memory bank), optimizer, LR schedule, trainer progress, early-stopping
+state, RNG states, the run's hyper-parameters, the latest metrics and a timestamp; only tensors and plain types, so
+it loads with ``torch.load(weights_only=True)``. Episodes are pure functions of ``(seed, index)``, so restoring the
+episode offset is enough to continue the exact episode sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import EarlyStopHandler
+from torch import nn
+
+from .distributed import is_main_process, world_size
+from .engines import unwrap
+from .episodes import EpisodeDataset
+
+logger = logging.getLogger(__name__)
+PREFIX = "checkpoint_"
+
+
+def atomic_save(content: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync it, then rename it over ``path``.
+
+    A crash leaves either the previous file or the new one, never a truncated checkpoint under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        torch.save(content, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain types."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["keys"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Save a full training checkpoint every ``save_every`` iterations and resume from the newest valid one.
+
+    On ``STARTED`` the newest checkpoint in ``ckpt_dir`` that loads is restored (a truncated or corrupted file is
+    reported and skipped); a log line gives its path and iteration. ``resume=False`` starts afresh.
+
+    Args:
+        ckpt_dir: folder of ``checkpoint_<iteration>.pt`` files.
+        network, optimizer, lr_scheduler: the training objects.
+        dataset: the episode dataset, told where to continue.
+        save_every: checkpoint interval in iterations.
+        keep: periodic checkpoints kept (older ones are deleted; the best model ``model.pt`` is separate).
+        resume: continue from the newest checkpoint when there is one.
+        early_stopping: its patience counter and best score are saved too.
+        config: hyper-parameters recorded in every checkpoint (plain types).
+        metrics_engine: engine whose ``state.metrics`` are recorded (the evaluator).
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        dataset: EpisodeDataset,
+        save_every: int,
+        keep: int = 3,
+        resume: bool = True,
+        early_stopping: EarlyStopHandler | None = None,
+        config: dict[str, Any] | None = None,
+        metrics_engine: Engine | None = None,
+    ) -> None:
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"checkpoint_every and checkpoints_to_keep must be >= 1, got {save_every} and {keep}.")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.dataset = dataset
+        self.save_every, self.keep, self.resume = save_every, keep, resume
+        self.early_stopping = early_stopping
+        self.config = dict(config or {})
+        self.metrics_engine = metrics_engine
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.restore)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every), self.save)
+
+    def checkpoints(self) -> list[Path]:
+        """Periodic checkpoints, newest first."""
+        return sorted(self.ckpt_dir.glob(f"{PREFIX}*.pt"), reverse=True)
+
+    def save(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
+        metrics = self.metrics_engine.state.metrics if self.metrics_engine is not None else {}
+        content = {
+            "network": unwrap(self.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "trainer": {"iteration": engine.state.iteration},
+            "early_stopping": self._early_stopping_state(),
+            "rng": rng_state(),
+            "config": self.config,
+            "metrics": {name: float(value) for name, value in metrics.items()},
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+        }
+        atomic_save(content, self.ckpt_dir / f"{PREFIX}{engine.state.iteration:08d}.pt")
+        for old in self.checkpoints()[self.keep :]:
+            old.unlink(missing_ok=True)
+
+    def _early_stopping_state(self) -> dict[str, Any]:
+        stopper = getattr(self.early_stopping, "_handler", None)
+        if stopper is None:
+            return {}
+        return {
+            "counter": int(stopper.counter),
+            "best_score": None if stopper.best_score is None else float(stopper.best_score),
+        }
+
+    def restore(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        for path in self.checkpoints():
+            try:
+                content = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # truncated or corrupted file: say so and fall back to the previous one
+                logger.warning(
+                    f"Checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one."
+                )
+                continue
+            self._load(engine, content)
+            logger.info(f"Resuming training from {path} at iteration {engine.state.iteration}.")
+            return
+
+    def _load(self, engine: Engine, content: dict[str, Any]) -> None:
+        unwrap(self.network).load_state_dict(content["network"])
+        self.optimizer.load_state_dict(content["optimizer"])
+        self.lr_scheduler.load_state_dict(content["lr_scheduler"])
+        iteration = int(content["trainer"]["iteration"])
+        engine.state.iteration = iteration
+        engine.state.epoch = 0  # one epoch of total_iterations: ignite continues it from ``iteration``
+        batch_size = getattr(engine.data_loader, "batch_size", 1) or 1
+        self.dataset.start = iteration * batch_size * world_size()
+        stopper = getattr(self.early_stopping, "_handler", None)
+        saved = content.get("early_stopping") or {}
+        if stopper is not None and saved:
+            stopper.counter, stopper.best_score = saved["counter"], saved["best_score"]
+        set_rng_state(content["rng"])

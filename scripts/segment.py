@@ -1,0 +1,72 @@
+"""Segment new scans from labelled references with the bundle's inference config (a thin wrapper around it).
+
+Example::
+
+    python scripts/segment.py --support ref.nii.gz:ref_label.nii.gz --query "scans/*.nii.gz" --out out/ \\
+        --classes "{'liver': 1, 'spleen': 2}" --strategy ensemble
+
+Every other bundle id can be given too (``--patch_size "[32,32,32]"``, ``--base_channels 8``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fire
+import numpy as np
+from monai.bundle import run
+from monai.transforms import LoadImage
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+
+
+def _pairs(support: str | list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    items = [support] if isinstance(support, str) else list(support)
+    pairs = [item.split(":") for item in items]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--support takes image:label pairs, got {items}.")
+    return [image for image, _ in pairs], [label for _, label in pairs]
+
+
+def _query_list(query: str | list[str]) -> str | list[str]:
+    if isinstance(query, str) and Path(query).is_dir():
+        return sorted(
+            str(path) for pattern in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha") for path in Path(query).glob(pattern)
+        )
+    return query
+
+
+def segment(
+    query: str | list[str],
+    out: str,
+    support: str | list[str] | None = None,
+    classes: dict[str, int] | list[str] | None = None,
+    strategy: str = "one_shot",
+    ckpt: str = str(BUNDLE / "models" / "model.pt"),
+    **overrides,
+) -> None:
+    """Segment ``query`` (files, a glob or a folder) into ``out`` using references ``image:label``.
+
+    Without ``classes``, every label value of the first reference label map becomes a class ``label_<value>``.
+    Strategy ``memory`` needs no references: ``classes`` lists memory-bank class names.
+    """
+    images, labels = _pairs(support) if support else ([], [])
+    if classes is None and labels:
+        values = np.unique(np.asarray(LoadImage(image_only=True)(labels[0])))
+        classes = {f"label_{int(v)}": int(v) for v in values if v != 0}
+    run(
+        config_file=str(BUNDLE / "configs" / "inference.json"),
+        bundle_root=str(BUNDLE),
+        ckpt_path=ckpt,
+        output_dir=out,
+        query_images=_query_list(query),
+        support_images=images,
+        support_labels=labels,
+        classes=classes or {},
+        strategy=strategy,
+        **overrides,
+    )
+
+
+if __name__ == "__main__":
+    fire.Fire(segment)

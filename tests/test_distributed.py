@@ -1,0 +1,43 @@
+"""multi_gpu_train.json on CPU: two torchrun processes with gloo end with identical weights and memory banks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = "['bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/multi_gpu_train.json']"
+TINY = ["--base_channels", "4", "--num_heads", "4", "--patch_size", "[32,32,32]", "--batch_size", "2"]
+
+
+def test_two_process_gloo_training_keeps_ranks_identical(demo_dataset: Path, tmp_path: Path) -> None:
+    save_rank_state = f"$torch.save(@network.module.state_dict(), '{tmp_path}/rank' + os.environ['RANK'] + '.pt')"
+    finalize = repr([save_rank_state, "$dist.destroy_process_group()"])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", CONFIGS, "--bundle_root", "bundle",
+        "--dataset_dir", str(demo_dataset.parent), "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "logs"), "--total_iterations", "4", "--eval_every", "2",
+        "--checkpoint_every", "4", "--num_workers", "0", "--finalize", finalize, *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        if isinstance(rank0[key], torch.Tensor):
+            assert torch.equal(rank0[key], rank1[key]), key
+    assert rank0["memory_bank._extra_state"] == rank1["memory_bank._extra_state"]
+    assert rank0["memory_bank.counts"].sum() > 0
+
+    periodic = sorted((tmp_path / "models").glob("checkpoint*.pt"))
+    assert len(periodic) == 1, periodic  # written by rank 0 only
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "logs" / "validation_report.json").is_file()
