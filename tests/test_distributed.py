@@ -1,7 +1,8 @@
-"""multi_gpu_train.json on CPU: two torchrun processes with gloo end with identical weights and memory banks."""
+"""DDP overlays on CPU (gloo): identical ranks after training, and split k-shot evaluation equal to one process."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,35 @@ def test_two_process_gloo_training_keeps_ranks_identical(demo_dataset: Path, tmp
     assert len(periodic) == 1, periodic  # written by rank 0 only
     assert (tmp_path / "models" / "model.pt").is_file()
     assert (tmp_path / "logs" / "validation_report.json").is_file()
+
+
+def test_two_process_k_shot_evaluation_matches_one_process(demo_dataset: Path, tmp_path: Path) -> None:
+    from scripts.networks import build_iris_net
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(build_iris_net(base_channels=4, num_heads=4, num_query_tokens=8, channel_multipliers=(1, 2, 4, 8))
+               .state_dict(), checkpoint)  # fmt: skip
+    evaluate = "'bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/evaluate.json'"
+    common = [
+        "-m", "monai.bundle", "run", "evaluating", "--bundle_root", "bundle", "--dataset_dir", str(demo_dataset.parent),
+        "--ckpt_path", str(checkpoint), "--eval_shots", "[1]", "--eval_draws", "1",
+        "--eval_strategies", "['one_shot','ensemble']", "--base_channels", "4", "--num_heads", "4",
+    ]  # fmt: skip
+    single = [sys.executable, *common, "--config_file", f"[{evaluate}]", "--output_dir", str(tmp_path / "one")]
+    multi = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", *common,
+        "--config_file", f"[{evaluate},'bundle/configs/multi_gpu_evaluate.json']",
+        "--output_dir", str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (single, multi):
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for group in one:
+        for strategy in one[group]:
+            expected, actual = one[group][strategy]["1"], two[group][strategy]["1"]
+            assert expected["per_class"].keys() == actual["per_class"].keys()
+            assert abs(expected["mean"]["dice"] - actual["mean"]["dice"]) < 1e-4

@@ -121,3 +121,20 @@ def test_bad_dataset_description_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetPoolError, match="held_out_labels"):
         DatasetPool([str(tmp_path / "dataset.json")])
+
+
+def test_disk_cache_gives_the_same_episodes_and_is_reused(demo_dataset: Path, pool: DatasetPool, tmp_path: Path):
+    cache_dir = tmp_path / "cache"
+    on_disk = DatasetPool([str(demo_dataset)], num_workers=1, cache="disk", cache_dir=str(cache_dir))
+    assert all(subject.tensors is None for subject in on_disk.subjects)  # nothing held in memory
+    files = {path: path.stat().st_mtime_ns for path in cache_dir.glob("*.pt")}
+    assert len(files) == len(pool.subjects)
+    in_memory = EpisodeDataset(pool, length=4, patch_size=PATCH, seed=3)
+    from_disk = EpisodeDataset(on_disk, length=4, patch_size=PATCH, seed=3)
+    for key, value in in_memory[2].items():
+        assert torch.equal(value, from_disk[2][key]), key
+    again = DatasetPool([str(demo_dataset)], num_workers=1, cache="disk", cache_dir=str(cache_dir))
+    assert {path: path.stat().st_mtime_ns for path in cache_dir.glob("*.pt")} == files  # reused, not rewritten
+    assert [s.foreground.keys() for s in again.subjects] == [s.foreground.keys() for s in pool.subjects]
+    with pytest.raises(ValueError, match="cache must be"):
+        DatasetPool([str(demo_dataset)], cache="gpu")

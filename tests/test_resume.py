@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.checkpoints import atomic_save
+from scripts.atomic import atomic_save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/demo.json']"

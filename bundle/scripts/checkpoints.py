@@ -9,7 +9,6 @@ episode offset is enough to continue the exact episode sequence.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,32 +20,13 @@ from ignite.engine import Engine, Events
 from monai.handlers import EarlyStopHandler
 from torch import nn
 
+from .atomic import atomic_save
 from .distributed import is_main_process, world_size
 from .engines import unwrap
 from .episodes import EpisodeDataset
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint_"
-
-
-def atomic_save(content: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync it, then rename it over ``path``.
-
-    A crash leaves either the previous file or the new one, never a truncated checkpoint under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(content, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,7 +22,7 @@ def crop_around(subject: Subject, center: Sequence[int], patch_size: Sequence[in
     """Crop image and label (1 x D x H x W each) to ``patch_size`` around ``center``, zero-padding at the borders."""
     crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=list(patch_size))
     pad = SpatialPad(spatial_size=list(patch_size))
-    return tuple(convert_to_tensor(pad(crop(x)), track_meta=False) for x in (subject.image, subject.label))
+    return tuple(convert_to_tensor(pad(crop(x)), track_meta=False) for x in subject.volumes())
 
 
 def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> torch.Tensor:
@@ -229,9 +229,10 @@ class OneShotValidationDataset(Dataset):
             masks.append(binary_masks(label, [value], 1))
         info = self.pool.datasets[subject.dataset]
         names = self.pool.class_names
+        image, label = subject.volumes()
         return {
-            "query_image": subject.image,
-            "query_mask": binary_masks(subject.label, values, len(values)),
+            "query_image": image,
+            "query_mask": binary_masks(label, values, len(values)),
             "support_image": torch.stack(images),
             "support_mask": torch.stack(masks),
             "class_ids": torch.tensor([names.index(info.class_name(v)) for v in values]),

@@ -3,7 +3,8 @@
 For each draw and each k, every class gets k references (training subjects containing it, drawn with a fixed seed)
 that are encoded once; every validation subject is then segmented for all its classes with each strategy, and Dice,
 HD95 and surface Dice (NSD) are computed with ``monai.metrics``. Scores are averaged over subjects within a draw,
-then reported as mean and standard deviation over draws.
+then reported as mean and standard deviation over draws. Under torchrun each rank scores a share of the subjects
+and rank 0 writes the gathered results.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import nn
 
+from .distributed import gather_objects, is_main_process, rank, world_size
 from .inferers import InContextInferer
 from .pool import DatasetPool, Subject
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
@@ -101,7 +103,8 @@ class KShotEvaluation:
     def _score(self, subject: Subject, logits: torch.Tensor, values: Sequence[int]) -> list[dict[str, float]]:
         """Dice, HD95 and NSD of every class of one subject (the subject's own voxel spacing is the resampled one)."""
         pred = (logits > 0).float().cpu()  # 1 x K x D x H x W
-        truth = torch.stack([subject.label[0] == v for v in values])[None].float()
+        label = subject.label[0]
+        truth = torch.stack([label == v for v in values])[None].float()
         spacing = subject.spacing
         dice = compute_dice(pred, truth, include_background=True, ignore_empty=False)[0]
         hd95 = compute_hausdorff_distance(pred, truth, include_background=True, percentile=95, spacing=spacing)[0]
@@ -118,8 +121,13 @@ class KShotEvaluation:
         for draw in range(self.draws):
             for k in self.shots:
                 self._evaluate_draw(draw, k, scores)
-        results = self._summarise(scores)
-        self._write(results)
+        merged: dict = defaultdict(list)
+        for part in gather_objects(dict(scores)):  # every rank's share, under torchrun
+            for key, values in part.items():
+                merged[key].extend(values)
+        results = self._summarise(merged)
+        if is_main_process():
+            self._write(results)
         return results
 
     def _evaluate_draw(self, draw: int, k: int, scores: dict) -> None:
@@ -144,7 +152,8 @@ class KShotEvaluation:
                 else:
                     embeddings = self._embeddings(strategy, per_reference, references, values, names)
                     self.inferer.set_task(embeddings)  # memory: only the bank's classes, in column order
-                for subject in (s for s in self.val_pool.subjects if s.dataset == dataset_index):
+                subjects = [s for s in self.val_pool.subjects if s.dataset == dataset_index]
+                for subject in subjects[rank() :: world_size()]:  # each rank scores its share of the subjects
                     present = [c for c, i in enumerate(columns) if values[i] in subject.classes]  # logit channels
                     if not present:
                         continue

@@ -5,6 +5,7 @@ Every problem in the pool is collected and reported in one error before any trai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import zlib
@@ -19,6 +20,7 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 from monai.utils import convert_to_tensor
 
+from .atomic import atomic_save
 from .transforms import subject_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -48,14 +50,32 @@ class DatasetInfo:
 
 @dataclass
 class Subject:
-    """A preprocessed, validated subject: image 1 x D x H x W, label 1 x D x H x W, and where each class lies."""
+    """A preprocessed, validated subject: image 1 x D x H x W, label 1 x D x H x W, and where each class lies.
+
+    The volumes are held in memory (``tensors``) or, with the disk cache, read from ``cache_file`` when used.
+    """
 
     dataset: int
     image_path: str
-    image: torch.Tensor
-    label: torch.Tensor
     foreground: dict[int, np.ndarray] = field(default_factory=dict)  # label value -> N x 3 voxel coordinates
     spacing: tuple[float, ...] = (1.0, 1.0, 1.0)  # voxel size in mm after preprocessing, for surface metrics
+    tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache_file: str | None = None
+
+    def volumes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (float32) and label (int16) volumes, 1 x D x H x W each."""
+        if self.tensors is not None:
+            return self.tensors
+        content = torch.load(self.cache_file, map_location="cpu", weights_only=True)
+        return content["image"], content["label"]
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self.volumes()[0]
+
+    @property
+    def label(self) -> torch.Tensor:
+        return self.volumes()[1]
 
     @property
     def classes(self) -> set[int]:
@@ -94,6 +114,10 @@ class DatasetPool:
         min_class_voxels: a class smaller than this in a subject does not count as present there.
         num_workers: threads used to load and preprocess subjects.
         skip_invalid: drop invalid subjects with a warning instead of raising.
+        cache: ``"memory"`` keeps every preprocessed volume in RAM (about 6 bytes per voxel); ``"disk"`` writes
+            them once to ``cache_dir`` and reads them when an episode needs them, for pools larger than RAM. A disk
+            cache is reused by later runs (keyed by file, size, modification time and preprocessing).
+        cache_dir: folder of the disk cache.
     """
 
     def __init__(
@@ -104,7 +128,15 @@ class DatasetPool:
         min_class_voxels: int = 10,
         num_workers: int = 2,
         skip_invalid: bool = False,
+        cache: str = "memory",
+        cache_dir: str | None = None,
     ) -> None:
+        if cache not in ("memory", "disk"):
+            raise ValueError(f"cache must be 'memory' or 'disk', got '{cache}'.")
+        if cache == "disk" and not cache_dir:
+            raise ValueError("cache='disk' needs a cache_dir.")
+        self.cache_dir = Path(cache_dir) if cache == "disk" else None
+        self.target_spacing = None if target_spacing is None else [float(x) for x in target_spacing]
         if isinstance(dataset_files, (str, Path)):
             dataset_files = [dataset_files]
         if not dataset_files:
@@ -166,11 +198,28 @@ class DatasetPool:
             logger.warning(f"Skipping {path}: no labelled class with at least {self.min_class_voxels} voxels.")
         return [subject for subject in subjects if subject.foreground]
 
+    def _cache_file(self, dataset: int, record: dict[str, str]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        stats = [
+            (record[key], Path(record[key]).stat().st_size, Path(record[key]).stat().st_mtime_ns) for key in record
+        ]
+        key = repr((stats, self.datasets[dataset].modality, self.target_spacing, self.min_class_voxels))
+        return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
     def _load_subject(self, dataset: int, record: dict[str, str]) -> Subject | str:
         """Load, check and preprocess one subject; return a problem description instead of raising."""
         missing = [record[key] for key in ("image", "label") if not Path(record[key]).is_file()]
         if missing:
             return f"{', '.join(missing)}: file not found"
+        cache_file = self._cache_file(dataset, record)
+        if cache_file is not None and cache_file.is_file():
+            try:
+                content = torch.load(cache_file, map_location="cpu", weights_only=True)
+                foreground = {int(v): c.numpy() for v, c in content["foreground"].items()}
+                return Subject(dataset, record["image"], foreground, tuple(content["spacing"]), None, str(cache_file))
+            except Exception as error:  # an unreadable cache entry is rebuilt from the original files
+                logger.warning(f"Rebuilding the cache entry {cache_file} of {record['image']}: {error}")
         try:
             data = self._channel_first(self._load(record))
         except Exception as error:  # any reader failure means the file is unusable; say which and why
@@ -180,15 +229,19 @@ class DatasetPool:
             return problem
         data = self._preprocess[dataset](data)
         spacing = tuple(float(x) for x in affine_to_spacing(data["image"].affine, r=3))
+        image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
         label = convert_to_tensor(data["label"], track_meta=False).round().to(torch.int16)
-        return Subject(
-            dataset=dataset,
-            image_path=record["image"],
-            image=convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False),
-            label=label,
-            foreground=self._foreground(label, seed=zlib.crc32(record["image"].encode())),
-            spacing=spacing,
-        )
+        foreground = self._foreground(label, seed=zlib.crc32(record["image"].encode()))
+        if cache_file is None:
+            return Subject(dataset, record["image"], foreground, spacing, (image, label))
+        content = {
+            "image": image,
+            "label": label,
+            "foreground": {value: torch.from_numpy(coords) for value, coords in foreground.items()},
+            "spacing": list(spacing),
+        }
+        atomic_save(content, cache_file)
+        return Subject(dataset, record["image"], foreground, spacing, None, str(cache_file))
 
     def _check(self, dataset: int, record: dict[str, str], data: dict) -> str | None:
         image, label = data["image"], data["label"]

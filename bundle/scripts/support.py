@@ -85,7 +85,7 @@ def load_references(
             if len(coords) == 0:
                 problems.append(f"{label_path}: class '{name}' (label value {value}) is empty or absent")
             foreground[value] = coords
-        references.append(Reference(label_path, Subject(0, image_path, image, label, foreground)))
+        references.append(Reference(label_path, Subject(0, image_path, foreground, tensors=(image, label))))
     if problems:
         raise SupportSetError("Invalid references:\n" + "\n".join(f"  - {problem}" for problem in problems))
     return references
