@@ -162,3 +162,33 @@ class CheckpointManager:
         if stopper is not None and saved:
             stopper.counter, stopper.best_score = saved["counter"], saved["best_score"]
         set_rng_state(content["rng"])
+
+
+class BestModelSaver:
+    """Write the network (with its memory bank) to ``model.pt`` atomically whenever the key metric improves.
+
+    Attached to the evaluator; the file is what inference and the model zoo load.
+
+    Args:
+        path: output file, usually ``ckpt_dir/model.pt``.
+        network: the trained IrisNet (or its DDP wrapper).
+        metric: name of the evaluator metric to maximise.
+    """
+
+    def __init__(self, path: str, network: nn.Module, metric: str) -> None:
+        self.path = Path(path)
+        self.network = network
+        self.metric = metric
+        self.best = float("-inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        score = float(engine.state.metrics[self.metric])
+        if not score > self.best:
+            return
+        self.best = score
+        if is_main_process():
+            atomic_save(unwrap(self.network).state_dict(), self.path)
+            logger.info(f"Saved the best model so far ({self.metric} {score:.4f}) to {self.path}.")

@@ -73,7 +73,10 @@ class EpisodeDataset(Dataset):
         augmentation_kwargs: dict | None = None,
     ) -> None:
         if k_shot < 1 or max_classes < 1 or length < 1:
-            raise ValueError(f"k_shot, max_classes and length must be >= 1, got {k_shot}, {max_classes}, {length}.")
+            raise ValueError(
+                f"k_shot, max_classes_per_episode and the episode count (total_iterations x batch_size) must be >= 1, "
+                f"got {k_shot}, {max_classes}, {length}."
+            )
         self.pool = pool
         self.length = length
         self.patch_size = tuple(patch_size)
