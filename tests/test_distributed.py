@@ -74,3 +74,35 @@ def test_two_process_k_shot_evaluation_matches_one_process(demo_dataset: Path, t
             expected, actual = one[group][strategy]["1"], two[group][strategy]["1"]
             assert expected["per_class"].keys() == actual["per_class"].keys()
             assert abs(expected["mean"]["dice"] - actual["mean"]["dice"]) < 1e-4
+
+
+def test_memory_bank_survives_resume_under_ddp(demo_dataset: Path, tmp_path: Path) -> None:
+    def command(iterations: int, state_dir: Path) -> list[str]:
+        save = f"$torch.save(@network.module.state_dict(), '{state_dir}/rank' + os.environ['RANK'] + '.pt')"
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+            "-m", "monai.bundle", "run", "training", "--config_file", CONFIGS, "--bundle_root", "bundle",
+            "--dataset_dir", str(demo_dataset.parent), "--ckpt_dir", str(tmp_path / "models"),
+            "--output_dir", str(tmp_path / "logs"), "--total_iterations", str(iterations), "--eval_every", "100",
+            "--checkpoint_every", "2", "--num_workers", "0",
+            "--finalize", repr([save, "$dist.destroy_process_group()"]), *TINY,
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    result = subprocess.run(command(2, first), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    result = subprocess.run(command(4, second), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "Resuming training from" in result.stdout + result.stderr
+
+    saved = torch.load(tmp_path / "models" / "checkpoint_00000002.pt", weights_only=True)["network"]
+    before = torch.load(first / "rank0.pt", weights_only=True)
+    assert torch.equal(saved["memory_bank.embeddings"], before["memory_bank.embeddings"])
+    rank0, rank1 = (torch.load(second / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in ("memory_bank.embeddings", "memory_bank.counts", "memory_bank.queue"):
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert rank0["memory_bank._extra_state"] == rank1["memory_bank._extra_state"]
+    assert rank0["memory_bank.counts"].sum() > before["memory_bank.counts"].sum()  # continued from the saved bank
