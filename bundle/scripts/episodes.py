@@ -18,11 +18,21 @@ from .pool import DatasetPool, DatasetPoolError, Subject
 from .transforms import episode_augmentation
 
 
+def crop_patch(volume: torch.Tensor, center: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+    """Crop a C x D x H x W volume to ``patch_size`` around ``center``, zero-padding at the borders."""
+    crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=list(patch_size))
+    return convert_to_tensor(SpatialPad(spatial_size=list(patch_size))(crop(volume)), track_meta=False)
+
+
+def bounding_box_centre(coords: np.ndarray | torch.Tensor) -> list[int]:
+    """Centre of the bounding box of N x 3 voxel coordinates."""
+    coords = torch.as_tensor(coords)
+    return ((coords.min(0).values + coords.max(0).values) // 2).tolist()
+
+
 def crop_around(subject: Subject, center: Sequence[int], patch_size: Sequence[int]) -> tuple[torch.Tensor, ...]:
     """Crop image and label (1 x D x H x W each) to ``patch_size`` around ``center``, zero-padding at the borders."""
-    crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=list(patch_size))
-    pad = SpatialPad(spatial_size=list(patch_size))
-    return tuple(convert_to_tensor(pad(crop(x)), track_meta=False) for x in subject.volumes())
+    return tuple(crop_patch(volume, center, patch_size) for volume in subject.volumes())
 
 
 def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> torch.Tensor:
@@ -197,34 +207,25 @@ class OneShotValidationDataset(Dataset):
         self.reference_pool = reference_pool
         self.patch_size = tuple(patch_size)
         self.seed = seed
-        ref_index = {info.name: d for d, info in enumerate(reference_pool.datasets)}
         self._cases = []
         for index, subject in enumerate(pool.subjects):
-            info = pool.datasets[subject.dataset]
-            ref_dataset = ref_index.get(info.name)
-            values = [
-                value
-                for value in sorted(subject.classes)
-                if ref_dataset is not None and self._holders(ref_dataset, value)
-            ]
+            name = pool.datasets[subject.dataset].name
+            values = [value for value in sorted(subject.classes) if reference_pool.holders(name, value)]
             if values:
-                self._cases.append((index, ref_dataset, values))
+                self._cases.append((index, name, values))
         if not self._cases:
             raise DatasetPoolError("No validation subject has a class that also appears in a training subject.")
-
-    def _holders(self, dataset: int, value: int) -> list[Subject]:
-        return [s for s in self.reference_pool.subjects if s.dataset == dataset and value in s.classes]
 
     def __len__(self) -> int:
         return len(self._cases)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        subject_index, ref_dataset, values = self._cases[index]
+        subject_index, dataset_name, values = self._cases[index]
         subject = self.pool.subjects[subject_index]
         rng = np.random.default_rng([self.seed, index])
         images, masks = [], []
         for value in values:
-            holders = self._holders(ref_dataset, value)
+            holders = self.reference_pool.holders(dataset_name, value)
             reference = holders[rng.integers(len(holders))]
             coords = reference.foreground[value]
             image, label = crop_around(reference, coords[rng.integers(len(coords))], self.patch_size)

@@ -78,13 +78,6 @@ class KShotEvaluation:
         self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
         self.patch_size = inferer.roi_size
 
-    def _holders(self, dataset_name: str, value: int) -> list[Subject]:
-        return [
-            s
-            for s in self.train_pool.subjects
-            if self.train_pool.datasets[s.dataset].name == dataset_name and value in s.classes
-        ]
-
     def _embeddings(
         self, strategy: str, per_reference: torch.Tensor, references: list[list[Reference]], values, names
     ) -> torch.Tensor:
@@ -133,11 +126,13 @@ class KShotEvaluation:
     def _evaluate_draw(self, draw: int, k: int, scores: dict) -> None:
         rng = np.random.default_rng([self.seed, draw, k])
         for dataset_index, info in enumerate(self.val_pool.datasets):
-            values = [v for v in sorted(info.labels) if len(self._holders(info.name, v)) >= 1]
+            values = [v for v in sorted(info.labels) if self.train_pool.holders(info.name, v)]
             if not values:
                 continue
-            references = [[Reference(s.image_path, s) for s in self._draw(rng, self._holders(info.name, v), k)]
-                          for v in values]  # fmt: skip
+            references = [
+                [Reference(s.image_path, s) for s in self._draw(rng, self.train_pool.holders(info.name, v), k)]
+                for v in values
+            ]
             per_reference = torch.cat(
                 [encode_references(self.network, refs, [v], self.patch_size) for refs, v in zip(references, values)],
                 dim=1,

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.transforms import SpatialCrop, SpatialPad
 from torch import nn
 
+from .episodes import bounding_box_centre, crop_patch
 from .strategies import retrieve
 
 
@@ -61,13 +61,9 @@ class InContextInferer(Inferer):
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""
-        pad = SpatialPad(spatial_size=list(self.roi_size))
         images, masks = [], []
         for mask in found:
-            coords = mask.nonzero()
-            crop = SpatialCrop(
-                roi_center=((coords.min(0).values + coords.max(0).values) // 2).tolist(), roi_size=self.roi_size
-            )
-            images.append(pad(crop(image)))
-            masks.append(pad(crop(mask[None].float())))
+            centre = bounding_box_centre(mask.nonzero())
+            images.append(crop_patch(image, centre, self.roi_size))
+            masks.append(crop_patch(mask[None].float(), centre, self.roi_size))
         return torch.stack(images)[:, None], torch.stack(masks)[:, None]

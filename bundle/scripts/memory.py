@@ -58,7 +58,8 @@ class MemoryBank(nn.Module):
         return self.embeddings[self.index(names)]
 
     def _add_classes(self, names: Sequence[str]) -> None:
-        new = [name for name in dict.fromkeys(names) if name not in set(self.class_names)]
+        known = set(self.class_names)
+        new = [name for name in dict.fromkeys(names) if name not in known]
         if not new:
             return
         n, (_, t, c) = len(new), self.embeddings.shape

@@ -153,6 +153,7 @@ class DatasetPool:
         self._load = LoadImaged(keys=("image", "label"), image_only=True)
         self._channel_first = EnsureChannelFirstd(keys=("image", "label"))
         self.subjects = self._load_all(num_workers, skip_invalid)
+        self._holders: dict[tuple[str, int], list[Subject]] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -165,6 +166,16 @@ class DatasetPool:
         return [
             info.class_name(v) for info in self.datasets for v in sorted(info.labels) if info.labels[v] in info.held_out
         ]
+
+    def holders(self, dataset_name: str, value: int) -> list[Subject]:
+        """Subjects of dataset ``dataset_name`` in which class ``value`` is present (looked up, not rescanned)."""
+        if self._holders is None:
+            self._holders = {}
+            for subject in self.subjects:
+                for present in subject.classes:
+                    key = (self.datasets[subject.dataset].name, present)
+                    self._holders.setdefault(key, []).append(subject)
+        return self._holders.get((dataset_name, value), [])
 
     def is_held_out(self, dataset: int, value: int) -> bool:
         info = self.datasets[dataset]

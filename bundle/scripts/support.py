@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from .episodes import binary_masks, crop_around
+from .episodes import binary_masks, bounding_box_centre, crop_around
 from .pool import Subject
 from .transforms import subject_preprocessing
 
@@ -28,9 +28,7 @@ class Reference:
 
     def patch(self, value: int, patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (1 x P) and binary mask (1 x P) of class ``value``, centred on the class's bounding box."""
-        coords = self.subject.foreground[value]
-        centre = (coords.min(0) + coords.max(0)) // 2
-        image, label = crop_around(self.subject, centre, patch_size)
+        image, label = crop_around(self.subject, bounding_box_centre(self.subject.foreground[value]), patch_size)
         return image, binary_masks(label, [value], 1)
 
 
