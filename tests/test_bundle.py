@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import mlflow
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.utils import path_to_sqlite_uri
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.networks import build_iris_net
 
@@ -34,9 +39,9 @@ def _workflow(*config_files: str, workflow_type: str = "train", **overrides) -> 
 
 
 @pytest.mark.parametrize("configs", [("train.json",), ("train.json", "demo.json")])
-def test_train_config_has_every_property(configs: tuple[str, ...], demo_dataset: Path) -> None:
-    # resolving the properties builds the datasets, so point the workflow at real (demo) data
-    workflow = _workflow(*configs, dataset_dir=str(demo_dataset.parent))
+def test_train_config_has_every_property(configs: tuple[str, ...], demo_dataset: Path, tmp_path: Path) -> None:
+    # resolving the properties builds the datasets and handlers: real (demo) data, logs out of the repository
+    workflow = _workflow(*configs, dataset_dir=str(demo_dataset.parent), output_dir=str(tmp_path))
     workflow.initialize()
     assert workflow.check_properties() == []
 
@@ -62,8 +67,8 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
         "--dataset_dir", str(demo_dataset.parent),
         "--ckpt_dir", str(ckpt_dir),
         "--output_dir", str(output_dir),
-        "--total_iterations", "4", "--eval_every", "2", "--checkpoint_every", "2",
-        "--num_workers", "0", *TINY,
+        "--total_iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--log_every", "2",
+        "--num_workers", "0", "--tracking", "mlflow", *TINY,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -81,6 +86,20 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     net.load_state_dict(state)
     assert net.memory_bank.class_names and all(n.startswith("IrisDemo/") for n in net.memory_bank.class_names)
     assert not set(net.memory_bank.class_names) & {"IrisDemo/torus", "IrisDemo/multi_blob", "IrisDemo/branching_tube"}
+
+    curves = json.loads((output_dir / "training_curves.json").read_text())
+    assert curves["iteration"] == [2, 4] and all(np.isfinite(curves["loss"])) and len(curves["lr"]) == 2
+    assert [v["iteration"] for v in curves["validation"]][:2] == [2, 4]
+    assert Image.open(output_dir / "training_curves.png").size[0] > 0
+
+    events = EventAccumulator(str(output_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"val_overlay/0", "val_overlay/1"} <= set(events.Tags()["images"])
+    assert {"train_loss", "learning_rate", "val_seen_dice"} <= set(events.Tags()["scalars"])
+
+    tracking = mlflow.tracking.MlflowClient(path_to_sqlite_uri(str(output_dir / "mlruns.db")))
+    runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
+    assert runs and len(tracking.get_metric_history(runs[0].info.run_id, "train_loss")) == 4
 
     periodic = sorted(ckpt_dir.glob("checkpoint*.pt"))
     assert periodic, list(ckpt_dir.iterdir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -62,8 +63,8 @@ def test_training_updates_weights_and_memory_bank(pools) -> None:
     trainer.run()
     assert all(n <= 0.05 + 1e-4 for n in norms)  # clipped before the step
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    output = trainer.state.output
-    assert output["task_embeddings"].shape == (2, 3, 4, 32)
+    output = trainer.state.output  # decollated, one dict per episode, as MONAI's trainers leave it
+    assert len(output) == 2 and output[0]["task_embeddings"].shape == (3, 4, 32)
     assert len(net.memory_bank) >= 1
     assert not set(net.memory_bank.class_names) & set(pools[0].held_out_class_names)
 
@@ -90,7 +91,7 @@ def test_bf16_autocast_on_cpu_trains(pools) -> None:
     )
     trainer.run()
     assert dtypes == [torch.bfloat16]
-    assert torch.isfinite(trainer.state.output["loss"])
+    assert np.isfinite(trainer.state.output[0]["loss"])  # decollated: a float, as in MONAI's trainers
 
 
 def test_non_finite_loss_stops_before_the_step(pools) -> None:
@@ -141,7 +142,7 @@ def test_bf16_loss_follows_fp32_on_a_fixed_episode(pools) -> None:
         same_episode = DataLoader([batch[0], batch[1]] * 6, batch_size=2)  # the same batch every step
         trainer = _trainer(pools[0], net, iterations=6, loader=same_episode, amp=amp)
         history = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output["loss"].item()))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output[0]["loss"]))
         trainer.run()
         losses[amp] = history
     assert losses[True][-1] < losses[True][0]

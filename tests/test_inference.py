@@ -194,7 +194,8 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
     cases = [
         ({"strategy": "best", "classes": CLASSES, **support}, ["Unknown strategy 'best'"]),
         ({"classes": {"ghost": 42}, **support}, ["class 'ghost' (label value 42)", demo["support_labels"][0]]),
-        ({"classes": CLASSES}, ["needs support_images"]),
+        ({"classes": CLASSES, "strategy": "one_shot"}, ["needs support_images"]),
+        ({"classes": CLASSES}, ["not in the memory bank", "IrisDemo/sphere"]),  # no references: the memory bank
         ({"classes": CLASSES, "embeddings_file": str(other)}, ["different network size", str(other)]),
         ({"classes": CLASSES, "support_images": [str(tmp_path / "nowhere.nii.gz")], "support_labels": [str(other)]},
          ["not found", "nowhere.nii.gz"]),

@@ -58,3 +58,28 @@ def test_bank_survives_save_and_weights_only_load(tmp_path) -> None:
     assert fresh.memory_bank.class_names == ["ds/a", "ds/b", "ds/c"]
     for name in ("embeddings", "counts", "queue"):
         torch.testing.assert_close(getattr(fresh.memory_bank, name), getattr(net.memory_bank, name))
+
+
+def test_bank_rows_stay_sorted_by_class_name() -> None:
+    bank = MemoryBank(num_tokens=1, embed_dim=1, queue_size=1)
+    bank.update(["ds/c"], torch.full((1, 1, 1), 3.0))
+    bank.update(["ds/a", "ds/b"], torch.tensor([[[1.0]], [[2.0]]]))
+    assert bank.class_names == ["ds/a", "ds/b", "ds/c"]
+    assert bank.get().flatten().tolist() == [1.0, 2.0, 3.0]
+    assert bank.queue.flatten().tolist() == [1.0, 2.0, 3.0]
+    assert bank.counts.tolist() == [1, 1, 1]
+
+
+def test_reserved_classes_give_the_query_only_forward_its_channels(tmp_path) -> None:
+    torch.manual_seed(0)
+    kwargs = dict(base_channels=4, num_query_tokens=2, num_heads=2, channel_multipliers=(1, 2, 4))
+    fresh = build_iris_net(**kwargs, memory_classes=["x/b", "x/a"]).eval()
+    assert fresh.memory_bank.class_names == ["x/a", "x/b"]
+    assert fresh(torch.rand(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+    trained = build_iris_net(**kwargs)
+    trained.memory_bank.update(["y/a", "y/b", "y/c"], torch.randn(3, 3, 16))
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert fresh.memory_bank.class_names == ["y/a", "y/b", "y/c"]
+    assert fresh(torch.rand(1, 1, 16, 16, 16)).shape[1] == 3

@@ -38,6 +38,8 @@ class EpisodicTrainer(SupervisedTrainer):
     ``amp`` uses fp16 autocast with a GradScaler on CUDA and bf16 autocast on CPU. ``engine.state.output`` holds,
     besides MONAI's ``image``/``label``/``pred``/``loss``, the episode's ``task_embeddings``
     (B x K x (m+1) x C, detached), ``class_ids`` and ``class_valid`` for handlers such as the memory-bank update.
+    As in MONAI's trainers, it is decollated after the iteration (one dict per episode, the loss in each), so
+    MONAI's ``from_engine(["loss"], first=True)`` and the bundle's ``--tracking mlflow`` read it.
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function, epoch_length, inferer,
@@ -74,7 +76,6 @@ class EpisodicTrainer(SupervisedTrainer):
             inferer=inferer or SimpleInferer(),
             key_train_metric=key_train_metric,
             train_handlers=train_handlers,
-            decollate=False,
             accumulation_steps=accumulation_steps,
         )
         self.amp = amp

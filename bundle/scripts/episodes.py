@@ -67,6 +67,8 @@ class EpisodeDataset(Dataset):
         dataset_weights: sampling weight per dataset; None samples proportionally to dataset size.
         seed: base seed of every episode.
         augmentation_kwargs: options of :func:`scripts.transforms.episode_augmentation`.
+        self_support: let a class held by at most ``k_shot`` subjects train with a subject as its own support
+            (another crop, augmented independently). For fine-tuning on the few volumes an annotator has labelled.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class EpisodeDataset(Dataset):
         dataset_weights: Sequence[float] | None = None,
         seed: int = 0,
         augmentation_kwargs: dict | None = None,
+        self_support: bool = False,
     ) -> None:
         if k_shot < 1 or max_classes < 1 or length < 1:
             raise ValueError(
@@ -95,23 +98,26 @@ class EpisodeDataset(Dataset):
         self.drop_prob = random_class_drop_prob
         self.query_noise_std = query_noise_std
         self.seed = seed
+        self.self_support = self_support
         self.start = 0  # episodes already consumed by a resumed run
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
 
     def _class_holders(self) -> list[dict[int, list[int]]]:
-        """Per dataset: trainable class value -> subjects that contain it (at least ``k_shot + 1`` of them)."""
+        """Per dataset: trainable class value -> subjects holding it (k_shot + 1 or more; 1 with self_support)."""
         holders: list[dict[int, list[int]]] = [{} for _ in self.pool.datasets]
         for index, subject in enumerate(self.pool.subjects):
             for value in subject.classes:
                 if not self.pool.is_held_out(subject.dataset, value):
                     holders[subject.dataset].setdefault(value, []).append(index)
-        usable = [{v: s for v, s in h.items() if len(s) > self.k_shot} for h in holders]
+        needed = 1 if self.self_support else self.k_shot + 1
+        usable = [{v: s for v, s in h.items() if len(s) >= needed} for h in holders]
         if not any(usable):
             raise DatasetPoolError(
                 f"No trainable class appears in more than k_shot={self.k_shot} training subjects of the pool: "
-                "an episode needs a query and k_shot different support subjects sharing a class."
+                "an episode needs a query and k_shot different support subjects sharing a class "
+                "(self_support=true lets a subject support itself)."
             )
         return usable
 
@@ -157,7 +163,8 @@ class EpisodeDataset(Dataset):
         dataset = int(rng.choice(len(self._weights), p=self._weights))
         holders = self._holders[dataset]
         anchor = int(rng.choice(sorted(holders)))
-        chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=False)
+        few = len(holders[anchor]) <= self.k_shot  # only with self_support: subjects repeat as their own support
+        chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=few)
         query, supports = self.pool.subjects[chosen[0]], [self.pool.subjects[i] for i in chosen[1:]]
 
         support_patches = [self._augmented(*self._patch(rng, subject, anchor)) for subject in supports]

@@ -79,14 +79,20 @@ class KShotEvaluation:
         self.patch_size = inferer.roi_size
 
     def _embeddings(
-        self, strategy: str, per_reference: torch.Tensor, references: list[list[Reference]], values, names
+        self,
+        strategy: str,
+        per_reference: torch.Tensor,
+        present: torch.Tensor,
+        references: list[list[Reference]],
+        values: Sequence[int],
+        names: Sequence[str],
     ) -> torch.Tensor:
         """1 x K x T x C embeddings of a fixed (query-independent) strategy."""
         if strategy == "memory":
             return memory(self.network, [n for n in names if n in self.network.memory_bank.class_names])
         if strategy == "one_shot":
-            return one_shot(per_reference)
-        mean = ensemble(per_reference)
+            return one_shot(per_reference, present)
+        mean = ensemble(per_reference, present)
         if strategy == "tuning":
             patches = tuning_patches(references, values, self.patch_size)
             return tune(self.network, mean, patches, self.tuning_steps, self.tuning_lr)
@@ -133,19 +139,17 @@ class KShotEvaluation:
                 [Reference(s.image_path, s) for s in self._draw(rng, self.train_pool.holders(info.name, v), k)]
                 for v in values
             ]
-            per_reference = torch.cat(
-                [encode_references(self.network, refs, [v], self.patch_size) for refs, v in zip(references, values)],
-                dim=1,
-            )  # k x K x T x C, each class from its own k references
+            # k x K x T x C, each class from its own k references
+            per_reference, present = encode_references(self.network, references, values, self.patch_size)
             names = [info.class_name(v) for v in values]
             for strategy in self.strategies:
                 columns = self._columns(strategy, names)  # the classes this strategy can segment
                 if not columns:
                     continue
                 if strategy == "retrieval":
-                    self.inferer.set_retrieval(per_reference, self.retrieval_top_k)
+                    self.inferer.set_retrieval(per_reference, present, self.retrieval_top_k)
                 else:
-                    embeddings = self._embeddings(strategy, per_reference, references, values, names)
+                    embeddings = self._embeddings(strategy, per_reference, present, references, values, names)
                     self.inferer.set_task(embeddings)  # memory: only the bank's classes, in column order
                 subjects = [s for s in self.val_pool.subjects if s.dataset == dataset_index]
                 for subject in subjects[rank() :: world_size()]:  # each rank scores its share of the subjects

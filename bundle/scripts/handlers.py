@@ -43,10 +43,11 @@ class MemoryBankUpdateHandler:
         bank = unwrap(self.network).memory_bank
         if bank is None:
             return
-        output = engine.state.output
-        valid = output["class_valid"]  # B x K
-        embeddings = output["task_embeddings"][valid]  # V x T x C, the valid classes of every episode
-        names = [self.class_names[i] for i in output["class_ids"][valid].tolist()]
+        output = engine.state.output  # decollated: one dict per episode
+        valid = torch.stack([episode["class_valid"] for episode in output])  # B x K
+        embeddings = torch.stack([episode["task_embeddings"] for episode in output])[valid]  # V x T x C
+        class_ids = torch.stack([episode["class_ids"] for episode in output])[valid]
+        names = [self.class_names[i] for i in class_ids.tolist()]
         gathered = gather_objects((names, embeddings.cpu()))
         all_names = [name for rank_names, _ in gathered for name in rank_names]
         bank.update(all_names, torch.cat([rank_embeddings for _, rank_embeddings in gathered]).to(embeddings.device))

@@ -9,7 +9,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from .episodes import bounding_box_centre, crop_patch
-from .strategies import retrieve
+from .strategies import ensemble, retrieve
 
 
 class InContextInferer(Inferer):
@@ -33,7 +33,7 @@ class InContextInferer(Inferer):
         self.roi_size = tuple(roi_size)
         self.window = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
         self.task_embeddings: torch.Tensor | None = None
-        self._references: torch.Tensor | None = None
+        self._references: tuple[torch.Tensor, torch.Tensor] | None = None
         self._top_k = 1
 
     def set_task(self, embeddings: torch.Tensor | None) -> None:
@@ -41,10 +41,11 @@ class InContextInferer(Inferer):
         self.task_embeddings = embeddings
         self._references = None
 
-    def set_retrieval(self, per_reference: torch.Tensor, top_k: int) -> None:
-        """Retrieve per query among ``per_reference`` (R x K x (m+1) x C), averaging the ``top_k`` most similar."""
-        self.task_embeddings = per_reference.mean(0, keepdim=True)
-        self._references = per_reference
+    def set_retrieval(self, per_reference: torch.Tensor, present: torch.Tensor, top_k: int) -> None:
+        """Retrieve per query among ``per_reference`` (R x K x (m+1) x C, where ``present``), averaging the ``top_k``
+        most similar."""
+        self.task_embeddings = ensemble(per_reference, present)
+        self._references = (per_reference, present)
         self._top_k = top_k
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
@@ -56,7 +57,7 @@ class InContextInferer(Inferer):
         if not found.flatten(1).any(-1).all():
             return logits  # a class was not found at all: keep the ensemble result for every class
         query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
-        chosen = retrieve(self._references, query_embeddings.transpose(0, 1), self._top_k)
+        chosen = retrieve(*self._references, query_embeddings.transpose(0, 1), self._top_k)
         return self.window(inputs, network, task_embeddings=chosen)
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Class memory bank: per-class task embeddings kept across episodes, stored as buffers of the network.
 
-Buffers grow as classes arrive and are resized when a checkpoint is loaded, so the bank travels in ``state_dict``
-(``torch.load(weights_only=True)`` friendly); class names travel as the module's extra state (a list of strings).
+Buffers grow as classes arrive (rows sorted by class name) and are resized when a checkpoint is loaded, so the bank
+travels in ``state_dict`` (``torch.load(weights_only=True)`` friendly); class names travel as the module's extra
+state (a list of strings).
 """
 
 from __future__ import annotations
@@ -23,9 +24,18 @@ class MemoryBank(nn.Module):
         embed_dim: token width ``C``.
         momentum: EMA weight of the old value, ``T <- a*T + (1-a)*T_new`` (guide 0.9, paper 0.999).
         queue_size: embeddings kept per class for retrieval; 0 keeps none.
+        class_names: classes to reserve rows for (zero until first updated or loaded). A bundle lists the classes
+            of its released weights here, so that ``net(x)`` of a fresh network already has their output channels.
     """
 
-    def __init__(self, num_tokens: int, embed_dim: int, momentum: float = 0.9, queue_size: int = 0) -> None:
+    def __init__(
+        self,
+        num_tokens: int,
+        embed_dim: int,
+        momentum: float = 0.9,
+        queue_size: int = 0,
+        class_names: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"memory_momentum must be in [0, 1), got {momentum}.")
@@ -37,6 +47,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("embeddings", torch.zeros(0, num_tokens, embed_dim))  # N x T x C
         self.register_buffer("counts", torch.zeros(0, dtype=torch.long))  # N updates seen per class
         self.register_buffer("queue", torch.zeros(0, queue_size, num_tokens, embed_dim))  # N x Q x T x C
+        self._add_classes(class_names)
 
     def __len__(self) -> int:
         return len(self.class_names)
@@ -49,24 +60,31 @@ class MemoryBank(nn.Module):
             raise ValueError(f"Classes {missing} are not in the memory bank; it holds {self.class_names}.")
         return [lookup[name] for name in names]
 
+    def forward(self) -> torch.Tensor:
+        """Every stored embedding, K x T x C: the classes of the query-only forward (kept TorchScript-friendly)."""
+        if self.embeddings.shape[0] == 0:
+            raise RuntimeError("The memory bank is empty: train with use_memory_bank=true or pass task embeddings.")
+        return self.embeddings
+
     def get(self, names: Sequence[str] | None = None) -> torch.Tensor:
         """Stored embeddings (K x T x C) of ``names``, or of every class when None."""
-        if not self.class_names:
-            raise RuntimeError("The memory bank is empty: train with use_memory_bank=true or pass task embeddings.")
-        if names is None:
-            return self.embeddings
-        return self.embeddings[self.index(names)]
+        embeddings = self()
+        return embeddings if names is None else embeddings[self.index(names)]
 
     def _add_classes(self, names: Sequence[str]) -> None:
-        known = set(self.class_names)
-        new = [name for name in dict.fromkeys(names) if name not in known]
-        if not new:
+        """Add rows for unknown classes, keeping the bank sorted by name, so the query-only forward's channel order
+        does not depend on the order in which training met the classes."""
+        merged = sorted(set(self.class_names).union(names))
+        if len(merged) == len(self.class_names):
             return
-        n, (_, t, c) = len(new), self.embeddings.shape
-        self.embeddings = torch.cat([self.embeddings, self.embeddings.new_zeros(n, t, c)])
-        self.counts = torch.cat([self.counts, self.counts.new_zeros(n)])
-        self.queue = torch.cat([self.queue, self.queue.new_zeros(n, self.queue_size, t, c)])
-        self.class_names.extend(new)
+        position = {name: row for row, name in enumerate(merged)}
+        rows = torch.tensor([position[name] for name in self.class_names], dtype=torch.long)
+        for name in _BUFFERS:
+            old = getattr(self, name)
+            grown = old.new_zeros(len(merged), *old.shape[1:])
+            grown[rows.to(old.device)] = old
+            setattr(self, name, grown)
+        self.class_names = merged
 
     @torch.no_grad()
     def update(self, names: Sequence[str], embeddings: torch.Tensor) -> None:

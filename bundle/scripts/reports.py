@@ -28,10 +28,14 @@ def query_stem(path: str) -> str:
     return Path(name).stem
 
 
-def preview(image: np.ndarray, labels: np.ndarray, values: Sequence[int], path: Path) -> None:
-    """Save three orthogonal slices (through the segmented voxels' centre, else the volume centre) with an overlay."""
-    foreground = np.argwhere(labels > 0)
-    centre = foreground.mean(0).astype(int) if len(foreground) else np.array(image.shape) // 2
+def overlay_panels(
+    image: np.ndarray, labels: np.ndarray, values: Sequence[int], centre: Sequence[int] | None = None
+) -> np.ndarray:
+    """Three orthogonal slices (through ``centre``, else the labelled voxels' centre, else the volume centre) of a
+    grey image with the label values coloured in, side by side: an H x W x 3 uint8 array."""
+    if centre is None:
+        foreground = np.argwhere(labels > 0)
+        centre = foreground.mean(0).astype(int) if len(foreground) else np.array(image.shape) // 2
     low, high = np.percentile(image, [1, 99])
     grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
     panels = []
@@ -45,7 +49,12 @@ def preview(image: np.ndarray, labels: np.ndarray, values: Sequence[int], path: 
         panels.append(np.rot90(rgb).astype(np.uint8))
     height = max(panel.shape[0] for panel in panels)
     padded = [np.pad(panel, ((0, height - panel.shape[0]), (0, 2), (0, 0))) for panel in panels]
-    Image.fromarray(np.concatenate(padded, axis=1)).save(path)
+    return np.concatenate(padded, axis=1)
+
+
+def preview(image: np.ndarray, labels: np.ndarray, values: Sequence[int], path: Path) -> None:
+    """Save :func:`overlay_panels` of a segmented query as a PNG."""
+    Image.fromarray(overlay_panels(image, labels, values)).save(path)
 
 
 class InferenceReport:

@@ -28,35 +28,49 @@ def _device(network: nn.Module) -> torch.device:
     return next(network.parameters()).device
 
 
-def reference_patches(
-    references: Sequence[Reference], values: Sequence[int], patch_size: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches of every (reference, class) pair: images and masks, each (R*K) x 1 x 1 x P."""
-    pairs = [reference.patch(value, patch_size) for reference in references for value in values]
-    images = torch.stack([image for image, _ in pairs])[:, None]
-    masks = torch.stack([mask for _, mask in pairs]).float()[:, None]
-    return images, masks
-
-
 @torch.no_grad()
 def encode_references(
-    network: nn.Module, references: Sequence[Reference], values: Sequence[int], patch_size: Sequence[int]
-) -> torch.Tensor:
-    """Task embedding of every class in every reference, each class from a patch around it: R x K x T x C."""
-    images, masks = reference_patches(references, values, patch_size)
+    network: nn.Module,
+    references_per_class: Sequence[Sequence[Reference]],
+    values: Sequence[int],
+    patch_size: Sequence[int],
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task embedding of each class from each of its references, each from a patch around the class.
+
+    Classes may have different references (a datastore's label maps rarely all hold the same classes), so the result
+    is padded: ``R x K x T x C`` embeddings and an ``R x K`` mask of the slots that hold one, with R the largest
+    number of references of a class. Patches are encoded ``batch_size`` at a time to bound memory.
+    """
+    slots = [(r, k) for k, refs in enumerate(references_per_class) for r in range(len(refs))]
+    if any(not refs for refs in references_per_class):
+        raise ValueError("Every class needs at least one reference.")
     device = _device(network)
-    embeddings = network.encode_support(images.to(device), masks.to(device))  # (R*K) x 1 x T x C
-    return embeddings.reshape(len(references), len(values), *embeddings.shape[2:])
+    encoded = []
+    for start in range(0, len(slots), batch_size):
+        pairs = [references_per_class[k][r].patch(values[k], patch_size) for r, k in slots[start : start + batch_size]]
+        images = torch.stack([image for image, _ in pairs])[:, None].to(device)  # N x 1 x 1 x P
+        masks = torch.stack([mask for _, mask in pairs]).float()[:, None].to(device)
+        encoded.append(network.encode_support(images, masks)[:, 0])  # N x T x C
+    embeddings = torch.cat(encoded)
+    rows, columns = torch.tensor(slots).T
+    per_reference = embeddings.new_zeros(int(rows.max()) + 1, len(values), *embeddings.shape[1:])
+    present = torch.zeros(per_reference.shape[:2], dtype=torch.bool, device=device)
+    per_reference[rows, columns] = embeddings
+    present[rows, columns] = True
+    return per_reference, present
 
 
-def one_shot(per_reference: torch.Tensor) -> torch.Tensor:
-    """The first reference alone."""
-    return per_reference[:1]
+def one_shot(per_reference: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Each class from its first reference alone."""
+    first = present.int().argmax(0)  # K, the first slot holding each class
+    return per_reference[first, torch.arange(per_reference.shape[1])][None]
 
 
-def ensemble(per_reference: torch.Tensor) -> torch.Tensor:
-    """Context ensemble: the mean embedding over references."""
-    return per_reference.mean(0, keepdim=True)
+def ensemble(per_reference: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Context ensemble: each class's mean embedding over its references."""
+    weights = present.to(per_reference.dtype)[..., None, None]
+    return ((per_reference * weights).sum(0) / weights.sum(0))[None]
 
 
 def memory(network: nn.Module, class_names: Sequence[str]) -> torch.Tensor:
@@ -66,18 +80,22 @@ def memory(network: nn.Module, class_names: Sequence[str]) -> torch.Tensor:
     return network.memory_bank.get(list(class_names)).unsqueeze(0)
 
 
-def retrieve(per_reference: torch.Tensor, query_embeddings: torch.Tensor, top_k: int) -> torch.Tensor:
+def retrieve(
+    per_reference: torch.Tensor, present: torch.Tensor, query_embeddings: torch.Tensor, top_k: int
+) -> torch.Tensor:
     """Object-level retrieval: per class, average the ``top_k`` references most similar (cosine) to the query object.
 
     Args:
         per_reference: R x K x T x C reference embeddings.
+        present: R x K, which references hold each class (see :func:`encode_references`).
         query_embeddings: 1 x K x T x C embeddings of the objects first found in the query.
-        top_k: references kept per class.
+        top_k: references kept per class (fewer when a class has fewer references).
     """
     similarity = F.cosine_similarity(per_reference.flatten(2), query_embeddings.flatten(2), dim=-1)  # R x K
+    similarity = similarity.masked_fill(~present, float("-inf"))
     best = similarity.topk(min(top_k, per_reference.shape[0]), dim=0).indices  # top_k x K
     chosen = torch.gather(per_reference, 0, best[..., None, None].expand(-1, -1, *per_reference.shape[2:]))
-    return chosen.mean(0, keepdim=True)
+    return ensemble(chosen, torch.gather(present, 0, best))
 
 
 def tuning_patches(

@@ -50,7 +50,9 @@ def load_references(
     modality: str = "CT",
     target_spacing: Sequence[float] | None = None,
 ) -> list[Reference]:
-    """Load and check reference volumes; every requested class must be labelled in every reference.
+    """Load and check reference volumes; every requested class must be labelled in at least one of them.
+
+    A class is taken from the references that label it, so references may label different subsets of the classes.
 
     Args:
         images: reference image paths.
@@ -60,7 +62,7 @@ def load_references(
         target_spacing: resampling spacing, the one used in training, or None.
 
     Raises:
-        SupportSetError: naming every missing file, and every reference that lacks a class.
+        SupportSetError: naming every missing file or mismatched label map, and every class no reference labels.
     """
     if len(images) != len(labels) or not images:
         raise SupportSetError(f"Give as many support_labels as support_images (got {len(images)} and {len(labels)}).")
@@ -78,12 +80,14 @@ def load_references(
             problems.append(f"{label_path}: shape {tuple(label.shape[1:])} differs from {tuple(image.shape[1:])}")
             continue
         foreground = {}
-        for name, value in classes.items():
+        for value in classes.values():
             coords = np.argwhere(label[0].numpy() == value)
-            if len(coords) == 0:
-                problems.append(f"{label_path}: class '{name}' (label value {value}) is empty or absent")
-            foreground[value] = coords
+            if len(coords):
+                foreground[value] = coords
         references.append(Reference(label_path, Subject(0, image_path, foreground, tensors=(image, label))))
+    for name, value in classes.items():
+        if not problems and not any(value in reference.subject.classes for reference in references):
+            problems.append(f"class '{name}' (label value {value}) is labelled in none of {list(labels)}")
     if problems:
         raise SupportSetError("Invalid references:\n" + "\n".join(f"  - {problem}" for problem in problems))
     return references

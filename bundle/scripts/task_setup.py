@@ -36,18 +36,24 @@ def save_embeddings(path: str | Path, classes: Mapping[str, int], embeddings: to
 
 
 def resolve_classes(
-    classes: Mapping[str, int] | Sequence[str] | None, strategy: str, embeddings_file: str | None = None
+    classes: Mapping[str, int] | Sequence[str] | None,
+    strategy: str,
+    embeddings_file: str | None = None,
+    memory_classes: Sequence[str] = (),
 ) -> dict[str, int]:
     """Class name -> output label value.
 
     ``classes`` maps names to values in the support labels; for ``memory`` it lists memory-bank class names (output
-    values 1..K). Without ``classes``, an existing ``embeddings_file`` provides them; otherwise the result is empty
-    and :class:`TaskSetupHandler` reports it when inference starts.
+    values 1..K). Without ``classes``, an existing ``embeddings_file`` provides them, and the ``memory`` strategy
+    takes every class of ``memory_classes`` (the bank of the bundle's weights); otherwise the result is empty and
+    :class:`TaskSetupHandler` reports it when inference starts.
     """
     if not classes:
         if embeddings_file and Path(embeddings_file).is_file():
             return {str(k): int(v) for k, v in load_embeddings(embeddings_file)["classes"].items()}
-        return {}
+        classes = list(memory_classes) if strategy == "memory" else {}
+        if not classes:
+            return {}
     if isinstance(classes, Mapping):
         return {str(name): int(value) for name, value in classes.items()}
     if strategy != "memory":
@@ -129,16 +135,17 @@ class TaskSetupHandler:
             self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing
         )
         values = list(self.classes.values())
-        per_reference = encode_references(network, references, values, self.patch_size)  # R x K x T x C
+        per_class = [[reference for reference in references if value in reference.subject.classes] for value in values]
+        per_reference, present = encode_references(network, per_class, values, self.patch_size)  # R x K x T x C
         if self.strategy == "retrieval":
-            self.inferer.set_retrieval(per_reference, self.retrieval_top_k)
-            embeddings = per_reference.mean(0, keepdim=True)
+            self.inferer.set_retrieval(per_reference, present, self.retrieval_top_k)
+            embeddings = ensemble(per_reference, present)
         elif self.strategy == "one_shot":
-            embeddings = one_shot(per_reference)
+            embeddings = one_shot(per_reference, present)
         else:
-            embeddings = ensemble(per_reference)
+            embeddings = ensemble(per_reference, present)
             if self.strategy == "tuning":
-                patches = tuning_patches([references] * len(values), values, self.patch_size)
+                patches = tuning_patches(per_class, values, self.patch_size)
                 embeddings = tune(
                     network, embeddings, patches, self.tuning_steps, self.tuning_lr,
                     on_step=lambda step, loss: self.tuning_losses.append(loss),
@@ -155,10 +162,7 @@ class TaskSetupHandler:
     def _loaded(self, network: nn.Module) -> torch.Tensor:
         content = load_embeddings(self.embeddings_file)
         embeddings = content["embeddings"]
-        expected = (
-            network.task_encoder.num_query_tokens + 1,
-            network.mask_decoder.transformer.norm_final.normalized_shape[0],
-        )
+        expected = network.token_shape
         if embeddings.dim() != 4 or tuple(embeddings.shape[2:]) != expected:
             raise SupportSetError(
                 f"{self.embeddings_file} holds embeddings of shape {tuple(embeddings.shape)}, but this network expects "

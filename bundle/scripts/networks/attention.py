@@ -51,8 +51,12 @@ class Attention(nn.Module):
             self._split_heads(self.v_proj(v)),
         )
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # B x 1 x 1 x Nk, broadcast over heads
-        with torch.autocast(q.device.type, enabled=False):  # softmax in fp32 under AMP (tokens are few)
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        if torch.jit.is_scripting():  # an exported TorchScript model runs without autocast
+            out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask)
+        else:
+            with torch.autocast(q.device.type, enabled=False):  # softmax in fp32 under AMP (tokens are few)
+                out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)  # B x heads x Nq x C/heads -> B x Nq x C
         return self.out_proj(out)
 
@@ -87,7 +91,7 @@ class FourierPositionEncoding(nn.Module):
         generator = torch.Generator().manual_seed(0)
         self.register_buffer("frequencies", scale * torch.randn(3, embed_dim // 2, generator=generator))
 
-    def forward(self, spatial_size: tuple[int, int, int]) -> torch.Tensor:
+    def forward(self, spatial_size: list[int]) -> torch.Tensor:
         """Encode the voxel centres of a ``D x H x W`` grid.
 
         Returns:
@@ -95,6 +99,6 @@ class FourierPositionEncoding(nn.Module):
         """
         device = self.frequencies.device
         axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in spatial_size]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # DHW x 3 in (0, 1)
+        grid = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1).reshape(-1, 3)  # DHW x 3 in (0, 1)
         projected = 2 * math.pi * (2 * grid - 1) @ self.frequencies  # DHW x C/2
         return torch.cat([projected.sin(), projected.cos()], dim=-1)

@@ -41,11 +41,6 @@ class ResidualEncoder(nn.Module):
     def _block(in_channels: int, out_channels: int, stride: int) -> UnetResBlock:
         return UnetResBlock(3, in_channels, out_channels, kernel_size=3, stride=stride, norm_name=NORM, act_name=ACT)
 
-    @property
-    def downsampling_factor(self) -> int:
-        """Ratio between input and bottleneck resolution (patches must be multiples of it, except depth 1)."""
-        return 2 ** (len(self.channels) - 1)
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encode ``x`` (N x in_channels x D x H x W).
 

@@ -82,7 +82,7 @@ class IrisNet(nn.Module):
         if task_embeddings is None:
             if self.memory_bank is None:
                 raise RuntimeError("This IrisNet has no memory bank: pass task_embeddings from encode_support.")
-            task_embeddings = self.memory_bank.get().unsqueeze(0)
+            task_embeddings = self.memory_bank().unsqueeze(0)
         if task_embeddings.shape[0] == 1:
             task_embeddings = task_embeddings.expand(query.shape[0], -1, -1, -1)
         features = self.encoder(query)
@@ -100,19 +100,23 @@ def build_iris_net(
     use_memory_bank: bool = True,
     memory_bank_size: int = 64,
     memory_momentum: float = 0.9,
+    memory_classes: Sequence[str] = (),
 ) -> IrisNet:
     """Build the paper-scale network (the defaults) or a smaller preset.
 
     Encoder stage ``i`` has ``base_channels * channel_multipliers[i]`` channels and all but the first halve the
     resolution; tokens are as wide as the bottleneck. Fewer stages keep a useful bottleneck for small patches
-    (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck).
+    (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck). ``memory_classes`` reserves memory-bank rows
+    for the classes of the weights to be loaded, so the query-only forward has their channels before loading.
     """
     if base_channels < 1 or num_query_tokens < 1:
         raise ValueError(f"base_channels and num_query_tokens must be >= 1, got {base_channels}, {num_query_tokens}.")
     channels = [base_channels * factor for factor in channel_multipliers]
     embed_dim = channels[-1]
     mlp_dim = 4 * embed_dim
-    memory = MemoryBank(num_query_tokens + 1, embed_dim, memory_momentum, memory_bank_size) if use_memory_bank else None
+    memory = None
+    if use_memory_bank:
+        memory = MemoryBank(num_query_tokens + 1, embed_dim, memory_momentum, memory_bank_size, memory_classes)
     return IrisNet(
         encoder=ResidualEncoder(in_channels, channels, blocks_per_stage),
         task_encoder=TaskEncoder(embed_dim, num_query_tokens, num_heads, mlp_dim),

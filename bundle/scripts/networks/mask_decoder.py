@@ -70,16 +70,16 @@ class MaskDecoder(nn.Module):
         """
         bottleneck = features[-1]
         b, c = bottleneck.shape[:2]
-        low_size = tuple(bottleneck.shape[2:])
+        low_size = list(bottleneck.shape[2:])
         image = bottleneck.flatten(2).transpose(1, 2)  # B x C x d x h x w -> B x L x C
         image_pe = self.position(low_size).to(image.dtype)  # L x C
         tokens = task_embeddings.to(image.dtype)
         token_pe = self.token_role.to(image.dtype).expand_as(tokens)  # B x K x T x C
         tokens, image = self.transformer(tokens, image, token_pe, image_pe, class_valid)
 
-        x = image.transpose(1, 2).reshape(b, c, *low_size)  # B x L x C -> B x C x d x h x w
-        for up, skip in zip(self.up_blocks, reversed(features[:-1])):
-            x = up(x, skip)  # finally B x c0 x D x H x W pixel embeddings
+        x = image.transpose(1, 2).reshape(bottleneck.shape)  # B x L x C -> B x C x d x h x w
+        for i, up in enumerate(self.up_blocks):
+            x = up(x, features[-2 - i])  # finally B x c0 x D x H x W pixel embeddings
 
         class_tokens = tokens[:, :, 0]  # B x K x C, the updated foreground token of each class
         weights = self.to_pixel_width(class_tokens + self.hypernetwork(class_tokens))  # B x K x c0

@@ -18,7 +18,7 @@ def _linear_upsampling_matrix(size_in: int, size_out: int, device: torch.device)
     return F.interpolate(identity, size=size_out, mode="linear", align_corners=False).squeeze(1)
 
 
-def upsampling_adjoint(masks: torch.Tensor, low_size: tuple[int, int, int]) -> torch.Tensor:
+def upsampling_adjoint(masks: torch.Tensor, low_size: list[int]) -> torch.Tensor:
     """Apply the adjoint of trilinear upsampling (``low_size`` -> mask size) to full-resolution masks.
 
     ``<upsample(F), M> == <F, upsampling_adjoint(M)>``, so pooling features as if they were upsampled to the input
@@ -31,8 +31,9 @@ def upsampling_adjoint(masks: torch.Tensor, low_size: tuple[int, int, int]) -> t
     Returns:
         N x K x d x h x w weights.
     """
-    full_size = masks.shape[2:]
-    a_d, a_h, a_w = (_linear_upsampling_matrix(i, o, masks.device) for i, o in zip(low_size, full_size))
+    a_d = _linear_upsampling_matrix(low_size[0], masks.shape[2], masks.device)
+    a_h = _linear_upsampling_matrix(low_size[1], masks.shape[3], masks.device)
+    a_w = _linear_upsampling_matrix(low_size[2], masks.shape[4], masks.device)
     weights = torch.einsum("nkDHW,dD->nkdHW", masks.float(), a_d)
     weights = torch.einsum("nkdHW,hH->nkdhW", weights, a_h)
     return torch.einsum("nkdhW,wW->nkdhw", weights, a_w)
@@ -48,7 +49,7 @@ def foreground_pooling(features: torch.Tensor, masks: torch.Tensor) -> torch.Ten
     Returns:
         N x K x C foreground tokens (zero for an empty mask).
     """
-    weights = upsampling_adjoint(masks, tuple(features.shape[2:]))  # N x K x d x h x w
+    weights = upsampling_adjoint(masks, list(features.shape[2:]))  # N x K x d x h x w
     pooled = torch.einsum("nkdhw,ncdhw->nkc", weights.to(features.dtype), features)
     area = masks.flatten(2).float().sum(-1, keepdim=True).clamp_min(1.0)  # N x K x 1
     return pooled / area.to(pooled.dtype)
@@ -98,7 +99,7 @@ class TaskEncoder(nn.Module):
         tokens = tokens.unsqueeze(1).expand(n, k, -1, -1)  # N x K x L x C
         fused = self.mask_fusion(torch.cat([tokens, low_masks.flatten(2).unsqueeze(-1)], dim=-1))
         fused = fused.flatten(0, 1)  # (N*K) x L x C
-        keys = fused + self.position(tuple(features.shape[2:])).to(fused.dtype)
+        keys = fused + self.position(list(features.shape[2:])).to(fused.dtype)
 
         queries = self.query_tokens.to(fused.dtype).expand(n * k, -1, -1)  # (N*K) x m x C
         queries = self.norm1(queries + self.cross_attn(queries, keys, fused))

@@ -1,0 +1,144 @@
+"""Training pictures: query predictions overlaid in TensorBoard after each validation, and the training curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import from_engine
+from monai.utils import optional_import
+
+from .reports import overlay_panels
+
+SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+logger = logging.getLogger(__name__)
+
+
+def label_map(channels: torch.Tensor, threshold: float) -> np.ndarray:
+    """K x D x H x W scores -> D x H x W label map (class k at value k+1 where its score is highest and above
+    ``threshold``)."""
+    best, index = channels.float().max(dim=0)
+    return torch.where(best > threshold, index + 1, 0).cpu().numpy()
+
+
+class ValidationOverlays:
+    """After every validation, show the first ``max_cases`` queries in TensorBoard: truth (top) and prediction
+    (bottom) over three orthogonal slices through the truth, each class in its own colour.
+
+    Attached to the trainer, so the images are logged at the trainer's iteration.
+
+    Args:
+        evaluator: the validation engine, whose outputs hold ``image``, ``label`` (masks) and ``pred`` (logits).
+        log_dir: TensorBoard folder.
+        max_cases: queries shown per validation.
+    """
+
+    def __init__(self, evaluator: Engine, log_dir: str, max_cases: int = 2) -> None:
+        self.evaluator = evaluator
+        self.log_dir = log_dir
+        self.max_cases = max_cases
+        self.cases: list[np.ndarray] = []
+        self.trainer: Engine | None = None
+        self.writer = None
+
+    def attach(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        self.evaluator.add_event_handler(Events.STARTED, lambda _: self.cases.clear())
+        self.evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.capture)
+        self.evaluator.add_event_handler(Events.COMPLETED, self.write)
+
+    def capture(self, engine: Engine) -> None:
+        if len(self.cases) >= self.max_cases:
+            return
+        output = engine.state.output
+        image = output["image"][0, 0].float().cpu().numpy()
+        truth, pred = label_map(output["label"][0], 0.5), label_map(output["pred"][0], 0.0)
+        values = list(range(1, output["pred"].shape[1] + 1))
+        foreground = np.argwhere(truth > 0)
+        centre = foreground.mean(0).astype(int) if len(foreground) else None
+        panels = [overlay_panels(image, labels, values, centre) for labels in (truth, pred)]
+        self.cases.append(np.concatenate(panels, axis=0))
+
+    def write(self, engine: Engine) -> None:
+        if self.writer is None:
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        for index, picture in enumerate(self.cases):
+            self.writer.add_image(f"val_overlay/{index}", picture, self.trainer.state.iteration, dataformats="HWC")
+        self.writer.flush()
+
+
+class TrainingCurves:
+    """Loss, validation Dice and learning rate over training, plotted to ``training_curves.png`` at the end (and
+    after every validation) with the values in ``training_curves.json``; the learning rate also goes to TensorBoard,
+    where MONAI's stats handlers already put the loss and the Dice.
+
+    Args:
+        optimizer: the optimizer whose first group's learning rate is recorded.
+        evaluator: the validation engine; its metrics are recorded after each run.
+        output_dir: where the PNG, the JSON and the TensorBoard scalars go.
+        log_every: iterations between loss / learning-rate points (the loss is averaged over them).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, evaluator: Engine, output_dir: str, log_every: int = 50):
+        self.optimizer = optimizer
+        self.evaluator = evaluator
+        self.output_dir = Path(output_dir)
+        self.log_every = log_every
+        self.history: dict[str, list] = {"iteration": [], "loss": [], "lr": [], "validation": []}
+        self._losses: list[float] = []
+        self.trainer: Engine | None = None
+        self.writer = None
+
+    def attach(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        trainer.add_event_handler(Events.COMPLETED, self.plot)
+        self.evaluator.add_event_handler(Events.COMPLETED, self.record_validation)
+
+    def record(self, engine: Engine) -> None:
+        self._losses.append(float(from_engine(["loss"], first=True)(engine.state.output)))
+        if engine.state.iteration % self.log_every and engine.state.iteration != engine.state.epoch_length:
+            return
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.history["iteration"].append(engine.state.iteration)
+        self.history["loss"].append(float(np.mean(self._losses)))
+        self.history["lr"].append(lr)
+        self._losses.clear()
+        if self.writer is None:
+            self.writer = SummaryWriter(log_dir=str(self.output_dir))
+        self.writer.add_scalar("learning_rate", lr, engine.state.iteration)
+
+    def record_validation(self, evaluator: Engine) -> None:
+        metrics = {name: float(value) for name, value in evaluator.state.metrics.items()}
+        self.history["validation"].append({"iteration": self.trainer.state.iteration, **metrics})
+        self.plot(self.trainer)
+
+    def plot(self, engine: Engine) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "training_curves.json").write_text(json.dumps(self.history, indent=4))
+        figure, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+        axes[0].plot(self.history["iteration"], self.history["loss"], color="tab:red")
+        axes[0].set_ylabel("training loss")
+        validations = self.history["validation"]
+        for name in sorted({key for entry in validations for key in entry} - {"iteration"}):
+            points = [(v["iteration"], v[name]) for v in validations if np.isfinite(v.get(name, np.nan))]
+            if points:
+                axes[1].plot(*zip(*points), marker="o", label=name)
+        axes[1].set_ylabel("validation Dice")
+        if validations:
+            axes[1].legend()
+        axes[2].plot(self.history["iteration"], self.history["lr"], color="tab:green")
+        axes[2].set_ylabel("learning rate")
+        axes[2].set_xlabel("iteration")
+        figure.tight_layout()
+        figure.savefig(self.output_dir / "training_curves.png", dpi=100)
+        plt.close(figure)

@@ -1,0 +1,108 @@
+"""Run the IRIS bundle's own configs (inference.json, train.json) from the app, with the app's settings as overrides.
+
+The app does not re-implement the bundle: every request runs the same ConfigWorkflow that
+``python -m monai.bundle run`` runs, so MONAI Label and the command line give the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_BUNDLE_ROOT = REPO_ROOT / "bundle"
+FINETUNED_NAME = "model_finetuned.pt"
+
+# Settings a user may pass as ``--conf <key> <value>``; they override the bundle config ids of the same name.
+BUNDLE_SETTINGS = (
+    "in_channels",
+    "base_channels",
+    "num_query_tokens",
+    "num_heads",
+    "decoder_depth",
+    "channel_multipliers",
+    "memory_bank_size",
+    "patch_size",
+    "target_spacing",
+    "modality",
+    "sw_batch_size",
+    "sw_overlap",
+)
+
+
+def parse_setting(value: str) -> Any:
+    """A ``--conf`` value as JSON when it is JSON (numbers, lists, null), else the plain string (``CT``)."""
+    try:
+        return json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        return value
+
+
+@dataclass
+class IrisSettings:
+    """Where the bundle and the weights are, and the bundle ids the app overrides.
+
+    Args:
+        bundle_root: the IRIS bundle folder.
+        checkpoint: the weights given with ``--conf checkpoint``.
+        model_dir: where fine-tuning writes its runs and ``model_finetuned.pt``.
+        overrides: bundle config ids from ``--conf`` (network size, patch size, modality, ...).
+    """
+
+    bundle_root: Path
+    checkpoint: Path
+    model_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_conf(cls, app_dir: str, conf: dict[str, str]) -> IrisSettings:
+        bundle_root = Path(conf.get("bundle_root", DEFAULT_BUNDLE_ROOT)).resolve()
+        checkpoint = Path(conf.get("checkpoint", bundle_root / "models" / "model.pt")).resolve()
+        model_dir = Path(conf.get("model_dir", Path(app_dir) / "model")).resolve()
+        overrides = {key: parse_setting(conf[key]) for key in BUNDLE_SETTINGS if key in conf}
+        if str(bundle_root) not in sys.path:
+            sys.path.insert(0, str(bundle_root))  # the bundle's ``scripts`` package, as MONAI puts it after initialize
+        return cls(bundle_root, checkpoint, model_dir, overrides)
+
+    @property
+    def finetuned(self) -> Path:
+        return self.model_dir / FINETUNED_NAME
+
+    def active_checkpoint(self) -> Path:
+        """The fine-tuned weights once ``/train`` has produced them, else the given checkpoint."""
+        return self.finetuned if self.finetuned.is_file() else self.checkpoint
+
+    def memory_classes(self) -> list[str]:
+        """Class names in the memory bank of the active weights (read without building the network)."""
+        state = torch.load(self.active_checkpoint(), map_location="cpu", weights_only=True)
+        extra = state.get("memory_bank._extra_state", {})
+        return list(extra.get("class_names", []))
+
+    def run(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
+        """Initialise, run and finalise a bundle workflow; returns the workflow (its parser holds the components)."""
+        from monai.bundle import ConfigWorkflow
+
+        configs = [config] if isinstance(config, str) else config
+        workflow = ConfigWorkflow(
+            config_file=[str(self.bundle_root / "configs" / name) for name in configs],
+            meta_file=str(self.bundle_root / "configs" / "metadata.json"),
+            logging_file=False,  # keep the server's logging as it is
+            workflow_type=workflow_type,
+            bundle_root=str(self.bundle_root),
+            device=torch.device("cuda:0" if torch.cuda.is_available() else "cpu"),
+            **{**self.overrides, **overrides},
+        )
+        workflow.initialize()
+        try:
+            workflow.run()
+        finally:
+            workflow.finalize()
+        return workflow
