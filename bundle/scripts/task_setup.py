@@ -69,6 +69,7 @@ class TaskSetupHandler:
         embeddings_file: where to save the computed embeddings, or what to load when no support images are given.
         tuning_steps, tuning_lr: in-context tuning schedule.
         retrieval_top_k: references averaged per class by the retrieval strategy.
+        in_channels: the network's image channels (RGB references are converted to match).
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class TaskSetupHandler:
         tuning_steps: int = 20,
         tuning_lr: float = 1e-3,
         retrieval_top_k: int = 1,
+        in_channels: int = 1,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -97,6 +99,7 @@ class TaskSetupHandler:
         self.embeddings_file = embeddings_file
         self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
         self.tuning_losses: list[float] = []
+        self.in_channels = in_channels
 
     def check(self) -> None:
         """Reject an unusable task before any image is read."""
@@ -126,7 +129,7 @@ class TaskSetupHandler:
             self.inferer.set_task(self._loaded(network))
             return
         references = load_references(
-            self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing
+            self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing, self.in_channels
         )
         values = list(self.classes.values())
         per_reference = encode_references(network, references, values, self.patch_size)  # R x K x T x C
