@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +82,32 @@ class Subject:
     @property
     def classes(self) -> set[int]:
         return set(self.foreground)
+
+
+def check_subject(record: Mapping[str, str], data: Mapping[str, torch.Tensor], labels: Collection[int]) -> str | None:
+    """Why a loaded image/label pair (channel first) is unusable, or None: dimensions, shape, geometry, values.
+
+    Args:
+        record: ``image`` and ``label`` paths, named in the problem.
+        data: the loaded ``image`` and ``label``.
+        labels: the label values declared by the dataset (0, background, is always allowed).
+    """
+    image, label = data["image"], data["label"]
+    if image.dim() not in (3, 4):
+        return f"{record['image']}: has {image.dim() - 1} spatial dimensions, a 2D image or 3D volume is expected"
+    if label.shape[0] != 1:
+        return f"{record['label']}: has {label.shape[0]} channels, a label map has one"
+    if image.shape[1:] != label.shape[1:]:
+        return f"{record['label']}: shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
+    if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
+        return f"{record['label']}: affine differs from the image's affine"
+    if not torch.isfinite(torch.as_tensor(image)).all():
+        return f"{record['image']}: contains NaN or Inf voxels"
+    values = {int(v) for v in torch.unique(torch.as_tensor(label)).tolist()}
+    unknown = values - set(labels) - {0}
+    if unknown:
+        return f"{record['label']}: label values {sorted(unknown)} are not in 'labels' (known: {sorted(labels)})"
+    return None
 
 
 def _read_dataset_json(path: Path) -> DatasetInfo:
@@ -226,7 +252,7 @@ class DatasetPool:
 
     def _load_subject(self, dataset: int, record: dict[str, str]) -> Subject | str:
         """Load, check and preprocess one subject; return a problem description instead of raising."""
-        missing = [record[key] for key in ("image", "label") if not Path(record[key]).is_file()]
+        missing = [record[key] for key in ("image", "label") if not Path(record[key]).exists()]  # DICOM: a folder
         if missing:
             return f"{', '.join(missing)}: file not found"
         cache_file = self._cache_file(dataset, record)
@@ -241,7 +267,7 @@ class DatasetPool:
             data = self._load(record)
         except Exception as error:  # any reader failure means the file is unusable; say which and why
             return f"{record['image']} / {record['label']}: cannot be read ({type(error).__name__}: {error})"
-        problem = self._check(dataset, record, data)
+        problem = check_subject(record, data, self.datasets[dataset].labels)
         if problem:
             return problem
         try:
@@ -262,27 +288,6 @@ class DatasetPool:
         }
         atomic_save(content, cache_file)
         return Subject(dataset, record["image"], foreground, spacing, None, str(cache_file))
-
-    def _check(self, dataset: int, record: dict[str, str], data: dict) -> str | None:
-        image, label = data["image"], data["label"]
-        if image.dim() not in (3, 4):
-            return f"{record['image']}: has {image.dim() - 1} spatial dimensions, a 2D image or 3D volume is expected"
-        if label.shape[0] != 1:
-            return f"{record['label']}: has {label.shape[0]} channels, a label map has one"
-        if image.shape[1:] != label.shape[1:]:
-            return (
-                f"{record['label']}: shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
-            )
-        if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
-            return f"{record['label']}: affine differs from the image's affine"
-        if not torch.isfinite(torch.as_tensor(image)).all():
-            return f"{record['image']}: contains NaN or Inf voxels"
-        values = {int(v) for v in torch.unique(torch.as_tensor(label)).tolist()}
-        unknown = values - set(self.datasets[dataset].labels) - {0}
-        if unknown:
-            names = sorted(self.datasets[dataset].labels)
-            return f"{record['label']}: label values {sorted(unknown)} are not in 'labels' (known: {names})"
-        return None
 
     def _foreground(self, label: torch.Tensor, seed: int) -> dict[int, np.ndarray]:
         """A fixed random sample of voxel coordinates per class present with at least ``min_class_voxels`` voxels."""

@@ -40,7 +40,7 @@ def is_single_slice(volume: torch.Tensor) -> bool:
 
 
 class ImageChannelsd(MapTransform):
-    """Match an image's channels to the network's: RGB(A) becomes luminance for 1 channel, RGBA drops alpha for 3.
+    """Match a 2D image's channels to the network's: RGB(A) becomes luminance for 1 channel, RGBA drops alpha for 3.
 
     Raises:
         ValueError: naming the file when its channels cannot be matched.
@@ -56,7 +56,7 @@ class ImageChannelsd(MapTransform):
             image, found = d[key], d[key].shape[0]
             if found == self.channels:
                 continue
-            if found not in (3, 4) or self.channels not in (1, 3):
+            if image.dim() != 3 or found not in (3, 4) or self.channels not in (1, 3):  # only 2D images are RGB(A)
                 name = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
                 raise ValueError(f"{name}: has {found} channels, the network takes in_channels={self.channels}.")
             rgb = image[:3].float()
@@ -126,7 +126,8 @@ def intensity_normalization(modality: str, keys: Sequence[str] = ("image",)) -> 
         clip = ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
     else:
         low, high = PERCENTILES
-        clip = ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=None, b_max=None, clip=True)
+        # to [0, 1] with clipping: the z-score after it makes the scale irrelevant (b_min=None cannot clip)
+        clip = ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True)
     return Compose([clip, NormalizeIntensityd(keys)])
 
 
