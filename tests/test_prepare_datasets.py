@@ -308,3 +308,20 @@ def test_2d_query_gives_a_2d_mask_in_its_format(prepared: dict[str, Path], tmp_p
     mask = Image.open(tmp_path / "out" / f"{Path(query).stem}_seg.png")
     assert mask.size == Image.open(query).size and mask.mode == "L"
     assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (REPO_ROOT / "bundle" / "configs" / "presets").glob("*.json"))
+)
+def test_presets_overlay_train_json(preset: str) -> None:
+    from monai.bundle import ConfigParser
+
+    from scripts.losses import FocalLoss
+
+    path = REPO_ROOT / "bundle" / "configs" / "presets" / f"{preset}.json"
+    assert path.read_text() == json.dumps(json.loads(path.read_text()), indent=4) + "\n"
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "bundle" / "configs" / "train.json"), str(path)])
+    assert parser.get_parsed_content("warmup_iterations") < parser.get_parsed_content("total_iterations")
+    loss = parser.get_parsed_content("loss_function")
+    assert isinstance(loss, FocalLoss) == (preset in ("brain_tumor", "drive"))

@@ -273,7 +273,9 @@ class DatasetPool:
         try:
             data = self._preprocess[dataset](data)
         except Exception as error:  # e.g. image channels the network cannot take; MONAI wraps the cause
-            return f"{record['image']}: cannot be preprocessed ({error.__cause__ or error})"
+            while error.__cause__ is not None:
+                error = error.__cause__
+            return f"{record['image']}: cannot be preprocessed ({error})"
         spacing = tuple(float(x) for x in affine_to_spacing(data["image"].affine, r=3))
         image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
         label = convert_to_tensor(data["label"], track_meta=False).round().to(torch.int16)
