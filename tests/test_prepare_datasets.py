@@ -300,7 +300,6 @@ def test_2d_query_gives_a_2d_mask_in_its_format(prepared: dict[str, Path], tmp_p
         num_heads=4,
         num_query_tokens=3,
         channel_multipliers=[1, 2, 4, 8],
-        save_previews=False,
     )
     workflow.initialize()
     workflow.run()
@@ -308,6 +307,9 @@ def test_2d_query_gives_a_2d_mask_in_its_format(prepared: dict[str, Path], tmp_p
     mask = Image.open(tmp_path / "out" / f"{Path(query).stem}_seg.png")
     assert mask.size == Image.open(query).size and mask.mode == "L"
     assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert Path(summary["queries"][0]["segmentation"]).is_file()
+    assert (tmp_path / "out" / f"{Path(query).stem}_preview.png").is_file()
 
 
 @pytest.mark.parametrize(
