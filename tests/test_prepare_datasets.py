@@ -327,3 +327,18 @@ def test_presets_overlay_train_json(preset: str) -> None:
     assert parser.get_parsed_content("warmup_iterations") < parser.get_parsed_content("total_iterations")
     loss = parser.get_parsed_content("loss_function")
     assert isinstance(loss, FocalLoss) == (preset in ("brain_tumor", "drive"))
+
+
+def test_jpeg_masks_are_binarised_into_png_label_maps(tmp_path: Path) -> None:
+    root = _png_folder(tmp_path / "kvasir")
+    for mask in sorted((root / "labels").glob("*.png")):
+        Image.open(mask).convert("RGB").save(mask.with_suffix(".jpg"), quality=70)  # lossy, RGB, values near 0/255
+        mask.unlink()
+    path = prepare_datasets.prepare(
+        str(root), "folder2d", str(tmp_path / "out"), modality="endoscopy", labels={1: "polyp"}, label_suffix="_mask",
+        mask_threshold=128,
+    )  # fmt: skip
+    content = json.loads(path.read_text())
+    labels = [path.parent / entry["label"] for entry in content["training"] + content["validation"]]
+    assert all(label.parent == tmp_path / "out" / "labels" and label.suffix == ".png" for label in labels)
+    assert set(np.unique(np.asarray(Image.open(labels[0]))).tolist()) == {0, 1}
