@@ -18,9 +18,9 @@ Layouts (``--format``):
 - ``folder2d``: the same with 2D PNG/JPEG/TIFF images and PNG/GIF/TIFF/BMP masks.
 
 Every image/label pair is read and checked (readable, same shape and geometry, label values in the map); all problems
-are reported together and nothing is written. The written ``dataset.json`` is the bundle's pool format: ``name``,
-``modality``, ``labels`` (value -> name), ``training`` and ``validation`` (split with ``--seed``), ``held_out_labels``,
-with paths relative to ``OUT``, so ``data_pool`` can list it directly.
+are reported together and no ``dataset.json`` is written. The written ``dataset.json`` is the bundle's pool format:
+``name``, ``modality``, ``labels`` (value -> name), ``training`` and ``validation`` (split with ``--seed``),
+``held_out_labels``, with paths relative to ``OUT``, so ``data_pool`` can list it directly.
 """
 
 from __future__ import annotations
@@ -244,7 +244,8 @@ def prepare(
         problems.append(f"{root}: found {len(pairs)} image/label pairs, episodes need at least two subjects")
     if problems:
         listing = "\n".join(f"  - {problem}" for problem in problems)
-        raise PreparationError(f"{len(problems)} problems in {root} (--format {format}), nothing written:\n{listing}")
+        summary = f"{len(problems)} problems in {root} (--format {format}), dataset.json not written"
+        raise PreparationError(f"{summary}:\n{listing}")
     training, validation = _split(pairs, validation_fraction, seed)
 
     def entries(split: Sequence[tuple[Path, Path]]) -> list[dict[str, str]]:

@@ -206,7 +206,7 @@ def test_every_problem_is_reported_before_anything_is_written(tmp_path: Path) ->
             str(root), "folder2d", str(tmp_path / "out"), modality="XR", labels={255: "lesion"}, label_suffix="_mask"
         )
     message = str(error.value)
-    assert "4 problems" in message and "nothing written" in message
+    assert "4 problems" in message and "dataset.json not written" in message
     assert "orphan.png: no label file" in message
     assert "lesion_1_mask.png: label values [7]" in message
     assert "lesion_2_mask.png: shape" in message
