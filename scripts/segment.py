@@ -31,7 +31,9 @@ def _pairs(support: str | list[str] | tuple[str, ...]) -> tuple[list[str], list[
 def _query_list(query: str | list[str]) -> str | list[str]:
     if isinstance(query, str) and Path(query).is_dir():
         return sorted(
-            str(path) for pattern in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha") for path in Path(query).glob(pattern)
+            str(path)
+            for pattern in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff")
+            for path in Path(query).glob(pattern)
         )
     return query
 

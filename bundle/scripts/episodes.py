@@ -2,6 +2,9 @@
 
 Every item is a pure function of ``(seed, index)``, so episodes are reproducible whatever the number of DataLoader
 workers or ranks, and a resumed run continues the exact sequence by skipping the episodes already used (``start``).
+
+2D images are single-slice volumes (H x W x 1): their patches are ``(P_D, P_H, 1)`` for a configured patch size
+``(P_D, P_H, P_W)`` and they are augmented in-plane, with the same network and configs as 3D data.
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from .pool import DatasetPool, DatasetPoolError, Subject
-from .transforms import episode_augmentation
+from .transforms import episode_augmentation, is_single_slice
+
+
+def patch_size_for(volume: torch.Tensor, patch_size: Sequence[int]) -> tuple[int, ...]:
+    """``patch_size`` for a C x D x H x W volume: depth 1 on the last axis for a single-slice (2D) image."""
+    return (*patch_size[:-1], 1) if is_single_slice(volume) else tuple(patch_size)
 
 
 def crop_patch(volume: torch.Tensor, center: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
-    """Crop a C x D x H x W volume to ``patch_size`` around ``center``, zero-padding at the borders."""
-    crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=list(patch_size))
-    return convert_to_tensor(SpatialPad(spatial_size=list(patch_size))(crop(volume)), track_meta=False)
+    """Crop a C x D x H x W volume to ``patch_size`` (see :func:`patch_size_for`) around ``center``, zero-padded."""
+    size = list(patch_size_for(volume, patch_size))
+    crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=size)
+    return convert_to_tensor(SpatialPad(spatial_size=size)(crop(volume)), track_meta=False)
 
 
 def bounding_box_centre(coords: np.ndarray | torch.Tensor) -> list[int]:
@@ -46,7 +55,8 @@ def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> 
 class EpisodeDataset(Dataset):
     """Random training episodes, ``length`` of them, drawn from a pool.
 
-    One episode: pick a dataset (by ``dataset_weights``), a trainable class, a query subject that has it and
+    One episode: pick a dataset (by ``dataset_weights``, one draw per batch so that a batch never mixes datasets, nor
+    2D and 3D patches), a trainable class, a query subject that has it and
     ``k_shot`` *different* support subjects that have it; crop patches around its foreground; keep up to
     ``max_classes`` classes present in every support patch (randomly dropping extra classes); augment support and
     query independently; perturb the query with Gaussian noise. Held-out classes never appear.
@@ -69,6 +79,8 @@ class EpisodeDataset(Dataset):
         augmentation_kwargs: options of :func:`scripts.transforms.episode_augmentation`.
         self_support: let a class held by at most ``k_shot`` subjects train with a subject as its own support
             (another crop, augmented independently). For fine-tuning on the few volumes an annotator has labelled.
+        batch_size: consecutive episodes drawn from the same dataset: the batch size times the number of ranks (a
+            ``DistributedSampler`` without shuffling gives each rank a stride of that run).
     """
 
     def __init__(
@@ -84,11 +96,12 @@ class EpisodeDataset(Dataset):
         seed: int = 0,
         augmentation_kwargs: dict | None = None,
         self_support: bool = False,
+        batch_size: int = 1,
     ) -> None:
-        if k_shot < 1 or max_classes < 1 or length < 1:
+        if k_shot < 1 or max_classes < 1 or length < 1 or batch_size < 1:
             raise ValueError(
-                f"k_shot, max_classes_per_episode and the episode count (total_iterations x batch_size) must be >= 1, "
-                f"got {k_shot}, {max_classes}, {length}."
+                f"k_shot, max_classes_per_episode, batch_size and the episode count (total_iterations x batch_size) "
+                f"must be >= 1, got {k_shot}, {max_classes}, {batch_size}, {length}."
             )
         self.pool = pool
         self.length = length
@@ -100,7 +113,9 @@ class EpisodeDataset(Dataset):
         self.seed = seed
         self.self_support = self_support
         self.start = 0  # episodes already consumed by a resumed run
+        self.batch_size = batch_size
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
+        self.augment_2d = episode_augmentation(self.patch_size[:2], **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
 
@@ -139,11 +154,18 @@ class EpisodeDataset(Dataset):
     def _patch(self, rng: np.random.Generator, subject: Subject, value: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop around a random foreground voxel of ``value``, jittered by up to a quarter patch."""
         coords = subject.foreground[value]
-        jitter = rng.integers(-1, 2, size=3) * rng.integers(0, [max(1, p // 4) for p in self.patch_size])
-        return crop_around(subject, coords[rng.integers(len(coords))] + jitter, self.patch_size)
+        image, label = subject.volumes()
+        size = patch_size_for(image, self.patch_size)
+        jitter = rng.integers(-1, 2, size=3) * rng.integers(0, [max(1, p // 4) for p in size])
+        centre = coords[rng.integers(len(coords))] + jitter
+        return crop_patch(image, centre, size), crop_patch(label, centre, size)
 
     def _augmented(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.augment({"image": image, "label": label})
+        if is_single_slice(image):  # 2D: augment in-plane (C x H x W), then restore the slice axis
+            out = self.augment_2d({"image": image[..., 0], "label": label[..., 0]})
+            out = {key: torch.as_tensor(out[key])[..., None] for key in ("image", "label")}
+        else:
+            out = self.augment({"image": image, "label": label})
         return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(torch.int16)
 
     def _present(self, label: torch.Tensor) -> set[int]:
@@ -159,8 +181,11 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.start + index])
-        self.augment.set_random_state(seed=int(rng.integers(2**31)))
-        dataset = int(rng.choice(len(self._weights), p=self._weights))
+        augmentation_seed = int(rng.integers(2**31))
+        self.augment.set_random_state(seed=augmentation_seed)
+        self.augment_2d.set_random_state(seed=augmentation_seed)
+        batch_rng = np.random.default_rng([self.seed, (self.start + index) // self.batch_size, 1])
+        dataset = int(batch_rng.choice(len(self._weights), p=self._weights))
         holders = self._holders[dataset]
         anchor = int(rng.choice(sorted(holders)))
         few = len(holders[anchor]) <= self.k_shot  # only with self_support: subjects repeat as their own support

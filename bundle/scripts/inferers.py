@@ -8,8 +8,24 @@ import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
-from .episodes import bounding_box_centre, crop_patch
+from .episodes import bounding_box_centre, crop_patch, patch_size_for
 from .strategies import ensemble, retrieve
+
+
+class VolumeSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's sliding-window inferer whose windows have depth 1 on single-slice (2D) inputs.
+
+    A 2D image (B x C x H x W x 1) would otherwise be zero-padded to the full window depth, which the network never
+    saw in training, where 2D patches have depth 1.
+    """
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        roi_size = self.roi_size
+        self.roi_size = patch_size_for(inputs[0], roi_size)
+        try:
+            return super().__call__(inputs, network, *args, **kwargs)
+        finally:
+            self.roi_size = roi_size
 
 
 class InContextInferer(Inferer):
@@ -31,7 +47,7 @@ class InContextInferer(Inferer):
     def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 2, overlap: float = 0.5, mode: str = "gaussian"):
         super().__init__()
         self.roi_size = tuple(roi_size)
-        self.window = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+        self.window = VolumeSlidingWindowInferer(roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
         self.task_embeddings: torch.Tensor | None = None
         self._references: tuple[torch.Tensor, torch.Tensor] | None = None
         self._top_k = 1

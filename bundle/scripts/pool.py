@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data.utils import affine_to_spacing
-from monai.transforms import EnsureChannelFirstd, LoadImaged
 from monai.utils import convert_to_tensor
 
 from .atomic import atomic_save
+from .image_io import LoadImagesd
 from .transforms import subject_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ class DatasetInfo:
 
 @dataclass
 class Subject:
-    """A preprocessed, validated subject: image 1 x D x H x W, label 1 x D x H x W, and where each class lies.
+    """A preprocessed, validated subject: image C x D x H x W, label 1 x D x H x W, and where each class lies.
+
+    A 2D image is a single-slice volume (``W == 1``, see :class:`scripts.transforms.AddSliceAxisd`).
 
     The volumes are held in memory (``tensors``) or, with the disk cache, read from ``cache_file`` when used.
     """
@@ -63,7 +65,7 @@ class Subject:
     cache_file: str | None = None
 
     def volumes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image (float32) and label (int16) volumes, 1 x D x H x W each."""
+        """Image (float32, C x D x H x W) and label (int16, 1 x D x H x W) volumes."""
         if self.tensors is not None:
             return self.tensors
         content = torch.load(self.cache_file, map_location="cpu", weights_only=True)
@@ -80,6 +82,32 @@ class Subject:
     @property
     def classes(self) -> set[int]:
         return set(self.foreground)
+
+
+def check_subject(record: Mapping[str, str], data: Mapping[str, torch.Tensor], labels: Collection[int]) -> str | None:
+    """Why a loaded image/label pair (channel first) is unusable, or None: dimensions, shape, geometry, values.
+
+    Args:
+        record: ``image`` and ``label`` paths, named in the problem.
+        data: the loaded ``image`` and ``label``.
+        labels: the label values declared by the dataset (0, background, is always allowed).
+    """
+    image, label = data["image"], data["label"]
+    if image.dim() not in (3, 4):
+        return f"{record['image']}: has {image.dim() - 1} spatial dimensions, a 2D image or 3D volume is expected"
+    if label.shape[0] != 1:
+        return f"{record['label']}: has {label.shape[0]} channels, a label map has one"
+    if image.shape[1:] != label.shape[1:]:
+        return f"{record['label']}: shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
+    if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
+        return f"{record['label']}: affine differs from the image's affine"
+    if not torch.isfinite(torch.as_tensor(image)).all():
+        return f"{record['image']}: contains NaN or Inf voxels"
+    values = {int(v) for v in torch.unique(torch.as_tensor(label)).tolist()}
+    unknown = values - set(labels) - {0}
+    if unknown:
+        return f"{record['label']}: label values {sorted(unknown)} are not in 'labels' (known: {sorted(labels)})"
+    return None
 
 
 def _read_dataset_json(path: Path) -> DatasetInfo:
@@ -118,6 +146,7 @@ class DatasetPool:
             them once to ``cache_dir`` and reads them when an episode needs them, for pools larger than RAM. A disk
             cache is reused by later runs (keyed by file, size, modification time and preprocessing).
         cache_dir: folder of the disk cache.
+        in_channels: the network's image channels; RGB images are converted to match.
     """
 
     def __init__(
@@ -130,6 +159,7 @@ class DatasetPool:
         skip_invalid: bool = False,
         cache: str = "memory",
         cache_dir: str | None = None,
+        in_channels: int = 1,
     ) -> None:
         if cache not in ("memory", "disk"):
             raise ValueError(f"cache must be 'memory' or 'disk', got '{cache}'.")
@@ -148,10 +178,11 @@ class DatasetPool:
         self.split = split
         self.min_class_voxels = min_class_voxels
         self._preprocess = [
-            subject_preprocessing(info.modality, target_spacing, track_meta=True) for info in self.datasets
+            subject_preprocessing(info.modality, target_spacing, track_meta=True, in_channels=in_channels)
+            for info in self.datasets
         ]
-        self._load = LoadImaged(keys=("image", "label"), image_only=True)
-        self._channel_first = EnsureChannelFirstd(keys=("image", "label"))
+        self.in_channels = in_channels
+        self._load = LoadImagesd(keys=("image", "label"))
         self.subjects = self._load_all(num_workers, skip_invalid)
         self._holders: dict[tuple[str, int], list[Subject]] | None = None
 
@@ -215,12 +246,13 @@ class DatasetPool:
         stats = [
             (record[key], Path(record[key]).stat().st_size, Path(record[key]).stat().st_mtime_ns) for key in record
         ]
-        key = repr((stats, self.datasets[dataset].modality, self.target_spacing, self.min_class_voxels))
+        preprocessing = (self.datasets[dataset].modality, self.target_spacing, self.min_class_voxels, self.in_channels)
+        key = repr((stats, *preprocessing))
         return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
 
     def _load_subject(self, dataset: int, record: dict[str, str]) -> Subject | str:
         """Load, check and preprocess one subject; return a problem description instead of raising."""
-        missing = [record[key] for key in ("image", "label") if not Path(record[key]).is_file()]
+        missing = [record[key] for key in ("image", "label") if not Path(record[key]).exists()]  # DICOM: a folder
         if missing:
             return f"{', '.join(missing)}: file not found"
         cache_file = self._cache_file(dataset, record)
@@ -232,13 +264,18 @@ class DatasetPool:
             except Exception as error:  # an unreadable cache entry is rebuilt from the original files
                 logger.warning(f"Rebuilding the cache entry {cache_file} of {record['image']}: {error}")
         try:
-            data = self._channel_first(self._load(record))
+            data = self._load(record)
         except Exception as error:  # any reader failure means the file is unusable; say which and why
             return f"{record['image']} / {record['label']}: cannot be read ({type(error).__name__}: {error})"
-        problem = self._check(dataset, record, data)
+        problem = check_subject(record, data, self.datasets[dataset].labels)
         if problem:
             return problem
-        data = self._preprocess[dataset](data)
+        try:
+            data = self._preprocess[dataset](data)
+        except Exception as error:  # e.g. image channels the network cannot take; MONAI wraps the cause
+            while error.__cause__ is not None:
+                error = error.__cause__
+            return f"{record['image']}: cannot be preprocessed ({error})"
         spacing = tuple(float(x) for x in affine_to_spacing(data["image"].affine, r=3))
         image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
         label = convert_to_tensor(data["label"], track_meta=False).round().to(torch.int16)
@@ -253,25 +290,6 @@ class DatasetPool:
         }
         atomic_save(content, cache_file)
         return Subject(dataset, record["image"], foreground, spacing, None, str(cache_file))
-
-    def _check(self, dataset: int, record: dict[str, str], data: dict) -> str | None:
-        image, label = data["image"], data["label"]
-        if image.dim() != 4:
-            return f"{record['image']}: has {image.dim() - 1} spatial dimensions, a 3D volume is expected"
-        if image.shape[1:] != label.shape[1:]:
-            return (
-                f"{record['label']}: shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
-            )
-        if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
-            return f"{record['label']}: affine differs from the image's affine"
-        if not torch.isfinite(torch.as_tensor(image)).all():
-            return f"{record['image']}: contains NaN or Inf voxels"
-        values = {int(v) for v in torch.unique(torch.as_tensor(label)).tolist()}
-        unknown = values - set(self.datasets[dataset].labels) - {0}
-        if unknown:
-            names = sorted(self.datasets[dataset].labels)
-            return f"{record['label']}: label values {sorted(unknown)} are not in 'labels' (known: {names})"
-        return None
 
     def _foreground(self, label: torch.Tensor, seed: int) -> dict[int, np.ndarray]:
         """A fixed random sample of voxel coordinates per class present with at least ``min_class_voxels`` voxels."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.transforms import LoadImage
 from PIL import Image
+
+from .image_io import LoadImagesd
 
 PALETTE = np.array(
     [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
@@ -32,16 +33,21 @@ def overlay_panels(
     image: np.ndarray, labels: np.ndarray, values: Sequence[int], centre: Sequence[int] | None = None
 ) -> np.ndarray:
     """Three orthogonal slices (through ``centre``, else the labelled voxels' centre, else the volume centre) of a
-    grey image with the label values coloured in, side by side: an H x W x 3 uint8 array."""
+    grey image with the label values coloured in, side by side: an H x W x 3 uint8 array. A 2D image (``labels``
+    H x W) gives one panel, the image itself."""
     if centre is None:
         foreground = np.argwhere(labels > 0)
         centre = foreground.mean(0).astype(int) if len(foreground) else np.array(image.shape) // 2
     low, high = np.percentile(image, [1, 99])
     grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
+    if labels.ndim == 2:
+        slices = [(grey, labels)]
+    else:
+        slices = [
+            (np.take(grey, centre[axis], axis=axis), np.take(labels, centre[axis], axis=axis)) for axis in range(3)
+        ]
     panels = []
-    for axis in range(3):
-        gray_slice = np.take(grey, centre[axis], axis=axis)
-        label_slice = np.take(labels, centre[axis], axis=axis)
+    for gray_slice, label_slice in slices:
         rgb = np.repeat(gray_slice[..., None], 3, axis=-1)
         for index, value in enumerate(values):
             mask = label_slice == value
@@ -67,6 +73,7 @@ class InferenceReport:
         references: the reference images used (empty for the memory bank or an embeddings file).
         embeddings_file: the embeddings file used or written, if any.
         save_previews: write ``<query>_preview.png``.
+        output_ext: suffix of the written segmentations (``.png`` for 2D queries).
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class InferenceReport:
         references: Sequence[str] = (),
         embeddings_file: str | None = None,
         save_previews: bool = True,
+        output_ext: str = ".nii.gz",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.classes = dict(classes)
@@ -84,8 +92,9 @@ class InferenceReport:
         self.references = list(references)
         self.embeddings_file = embeddings_file
         self.save_previews = save_previews
+        self.output_ext = output_ext
         self.queries: list[dict] = []
-        self._loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self._loader = LoadImagesd("image")  # as the query was read (2D files with PIL)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
@@ -102,7 +111,7 @@ class InferenceReport:
             self.queries.append(
                 {
                     "query": query,
-                    "segmentation": str(self.output_dir / f"{stem}_seg.nii.gz"),
+                    "segmentation": str(self.output_dir / f"{stem}_seg{self.output_ext}"),
                     "classes": {
                         name: {"label_value": self.classes[name], "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
                         for name, n in counts.items()
@@ -110,7 +119,7 @@ class InferenceReport:
                 }
             )
             if self.save_previews:
-                image = np.asarray(self._loader(query))[0]
+                image = np.asarray(self._loader({"image": query})["image"])[0]
                 preview(image, array, list(self.classes.values()), self.output_dir / f"{stem}_preview.png")
 
     def write(self, engine: Engine) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from monai.transforms import Compose
 
 from .episodes import binary_masks, bounding_box_centre, crop_around
+from .image_io import LoadImagesd
 from .pool import Subject
 from .transforms import subject_preprocessing
 
@@ -33,14 +34,18 @@ class Reference:
 
 
 def preprocessing(
-    modality: str, target_spacing: Sequence[float] | None, keys: Sequence[str], track_meta: bool = False
+    modality: str,
+    target_spacing: Sequence[float] | None,
+    keys: Sequence[str],
+    track_meta: bool = False,
+    in_channels: int = 1,
 ) -> Compose:
     """Load, channel-first, then the same deterministic preprocessing as training (orientation, spacing, intensity).
 
     Queries keep their metadata (``track_meta``) so that predictions can be inverted to the query's geometry.
     """
-    steps = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
-    return Compose([*steps, *subject_preprocessing(modality, target_spacing, keys, track_meta).transforms])
+    steps = subject_preprocessing(modality, target_spacing, keys, track_meta, in_channels).transforms
+    return Compose([LoadImagesd(keys), *steps])
 
 
 def load_references(
@@ -49,6 +54,7 @@ def load_references(
     classes: Mapping[str, int],
     modality: str = "CT",
     target_spacing: Sequence[float] | None = None,
+    in_channels: int = 1,
 ) -> list[Reference]:
     """Load and check reference volumes; every requested class must be labelled in at least one of them.
 
@@ -60,6 +66,7 @@ def load_references(
         classes: class name -> label value in the reference label maps.
         modality: modality of the references (and queries), which picks the intensity normalisation.
         target_spacing: resampling spacing, the one used in training, or None.
+        in_channels: the network's image channels (RGB references are converted to match).
 
     Raises:
         SupportSetError: naming every missing file or mismatched label map, and every class no reference labels.
@@ -68,15 +75,15 @@ def load_references(
         raise SupportSetError(f"Give as many support_labels as support_images (got {len(images)} and {len(labels)}).")
     if not classes:
         raise SupportSetError("'classes' is empty: map at least one class name to its label value.")
-    missing = [path for path in [*images, *labels] if not Path(path).is_file()]
+    missing = [path for path in [*images, *labels] if not Path(path).exists()]  # a DICOM series is a folder
     if missing:
         raise SupportSetError(f"Support files not found: {missing}")
-    transform = preprocessing(modality, target_spacing, keys=("image", "label"))
+    transform = preprocessing(modality, target_spacing, keys=("image", "label"), in_channels=in_channels)
     references, problems = [], []
     for image_path, label_path in zip(images, labels):
         data = transform({"image": image_path, "label": label_path})
         image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"]).round().to(torch.int16)
-        if image.shape != label.shape:
+        if image.shape[1:] != label.shape[1:]:
             problems.append(f"{label_path}: shape {tuple(label.shape[1:])} differs from {tuple(image.shape[1:])}")
             continue
         foreground = {}

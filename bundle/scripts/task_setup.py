@@ -75,6 +75,7 @@ class TaskSetupHandler:
         embeddings_file: where to save the computed embeddings, or what to load when no support images are given.
         tuning_steps, tuning_lr: in-context tuning schedule.
         retrieval_top_k: references averaged per class by the retrieval strategy.
+        in_channels: the network's image channels (RGB references are converted to match).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class TaskSetupHandler:
         tuning_steps: int = 20,
         tuning_lr: float = 1e-3,
         retrieval_top_k: int = 1,
+        in_channels: int = 1,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -103,6 +105,7 @@ class TaskSetupHandler:
         self.embeddings_file = embeddings_file
         self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
         self.tuning_losses: list[float] = []
+        self.in_channels = in_channels
 
     def check(self) -> None:
         """Reject an unusable task before any image is read."""
@@ -132,7 +135,7 @@ class TaskSetupHandler:
             self.inferer.set_task(self._loaded(network))
             return
         references = load_references(
-            self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing
+            self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing, self.in_channels
         )
         values = list(self.classes.values())
         per_class = [[reference for reference in references if value in reference.subject.classes] for value in values]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import to_affine_nd
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    InvertibleTransform,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -24,10 +26,92 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
+from monai.utils import TraceKeys
 
 CT_WINDOW = (-990.0, 500.0)
 PERCENTILES = (2.0, 98.0)
 CT_MODALITIES = ("CT",)
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+
+
+def is_single_slice(volume: torch.Tensor) -> bool:
+    """Whether a channel-first volume is a 2D image (a trailing spatial axis of size 1)."""
+    return volume.shape[-1] == 1
+
+
+class ImageChannelsd(MapTransform):
+    """Match a 2D image's channels to the network's: RGB(A) becomes luminance for 1 channel, RGBA drops alpha for 3.
+
+    Raises:
+        ValueError: naming the file when its channels cannot be matched.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1) -> None:
+        super().__init__(keys)
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image, found = d[key], d[key].shape[0]
+            if found == self.channels:
+                continue
+            if image.dim() != 3 or found not in (3, 4) or self.channels not in (1, 3):  # only 2D images are RGB(A)
+                name = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                raise ValueError(f"{name}: has {found} channels, the network takes in_channels={self.channels}.")
+            rgb = image[:3].float()
+            weights = torch.as_tensor(LUMINANCE, dtype=rgb.dtype, device=rgb.device).view(3, *[1] * (rgb.dim() - 1))
+            d[key] = (rgb * weights).sum(0, keepdim=True) if self.channels == 1 else rgb
+        return d
+
+
+class AddSliceAxisd(MapTransform, InvertibleTransform):
+    """Make a 2D image (C x H x W) a single-slice volume (C x H x W x 1) so the 3D network and transforms apply.
+
+    The inverse removes the axis again, so predictions of a 2D query are written as a 2D mask.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].dim() != 3:
+                continue
+            volume = MetaTensor(d[key]).unsqueeze(-1)
+            volume.affine = to_affine_nd(3, volume.affine)
+            self.push_transform(volume)
+            d[key] = volume
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self._applied(d[key]):
+                self.pop_transform(d[key])
+                d[key] = d[key].squeeze(-1)
+                d[key].affine = to_affine_nd(2, d[key].affine)
+        return d
+
+    def _applied(self, volume: torch.Tensor) -> bool:
+        operations = volume.applied_operations if isinstance(volume, MetaTensor) else []
+        return bool(operations) and operations[-1][TraceKeys.CLASS_NAME] == type(self).__name__
+
+
+class VolumeSpacingd(Spacingd):
+    """``Spacingd`` for volumes only: single-slice (2D) images keep their pixel spacing (PNG has none)."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict:
+        if all(is_single_slice(data[key]) for key in self.key_iterator(dict(data))):
+            return dict(data)
+        return super().__call__(data, lazy)
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        key = next(iter(self.key_iterator(dict(data))), None)
+        volume = data[key] if key is not None else None
+        if not isinstance(volume, MetaTensor) or not volume.applied_operations:
+            return dict(data)
+        if volume.applied_operations[-1][TraceKeys.CLASS_NAME] != "SpatialResample":
+            return dict(data)  # this image was a single slice: nothing was resampled
+        return super().inverse(data)
 
 
 def intensity_normalization(modality: str, keys: Sequence[str] = ("image",)) -> Compose:
@@ -42,7 +126,8 @@ def intensity_normalization(modality: str, keys: Sequence[str] = ("image",)) -> 
         clip = ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
     else:
         low, high = PERCENTILES
-        clip = ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=None, b_max=None, clip=True)
+        # to [0, 1] with clipping: the z-score after it makes the scale irrelevant (b_min=None cannot clip)
+        clip = ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True)
     return Compose([clip, NormalizeIntensityd(keys)])
 
 
@@ -51,19 +136,25 @@ def subject_preprocessing(
     target_spacing: Sequence[float] | None,
     keys: Sequence[str] = ("image", "label"),
     track_meta: bool = False,
+    in_channels: int = 1,
 ) -> Compose:
-    """Deterministic steps after loading: RAS orientation, optional resampling, intensity normalisation.
+    """Deterministic steps after loading: image channels, 2D as single slice, RAS, resampling, intensities.
 
     Args:
         modality: the dataset's modality, which picks the intensity normalisation.
-        target_spacing: voxel spacing in mm, or None to keep each image's own spacing.
+        target_spacing: voxel spacing in mm, or None to keep each image's own spacing; 2D images keep theirs.
         keys: ``"image"`` and optionally ``"label"`` (resampled with nearest neighbours).
         track_meta: keep MetaTensors (inference needs them to invert the transforms); training drops them.
+        in_channels: the network's image channels; RGB images are converted to match (see :class:`ImageChannelsd`).
     """
     modes = ["nearest" if key == "label" else "bilinear" for key in keys]
-    steps = [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    steps = [
+        ImageChannelsd("image", in_channels),
+        AddSliceAxisd(keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
     if target_spacing is not None:
-        steps.append(Spacingd(keys=keys, pixdim=tuple(target_spacing), mode=modes))
+        steps.append(VolumeSpacingd(keys=keys, pixdim=tuple(target_spacing), mode=modes))
     steps.append(intensity_normalization(modality))
     steps.append(EnsureTyped(keys=keys, track_meta=track_meta))
     return Compose(steps)
@@ -82,10 +173,10 @@ def episode_augmentation(
     """Random spatial and intensity augmentation applied independently to every support and query patch.
 
     Defaults follow the user's guide: rotation ±10°, scale 0.9-1.1, small translations, flips, intensity scale and
-    shift, gamma, blur and noise.
+    shift, gamma, blur and noise. A 2-element ``patch_size`` gives the in-plane version for 2D (H x W) patches.
 
     Args:
-        patch_size: patch size, used to express translations in voxels.
+        patch_size: patch size, used to express translations in voxels; its length sets 2D or 3D.
         rotation_degrees: maximum absolute rotation about each axis.
         scale_range: maximum relative zoom change.
         translation_fraction: maximum translation as a fraction of the patch size.
@@ -97,19 +188,20 @@ def episode_augmentation(
     keys = ("image", "label")
     radians = rotation_degrees * 3.141592653589793 / 180.0
     translate = [translation_fraction * size for size in patch_size]
+    dims = len(patch_size)
     p = augmentation_prob
     return Compose(
         [
             RandAffined(
                 keys,
                 prob=p,
-                rotate_range=(radians,) * 3,
-                scale_range=(scale_range,) * 3,
+                rotate_range=(radians,) * (1 if dims == 2 else 3),
+                scale_range=(scale_range,) * dims,
                 translate_range=translate,
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",
             ),
-            *[RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)],
+            *[RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(dims)],
             RandScaleIntensityd("image", factors=intensity_scale, prob=p),
             RandShiftIntensityd("image", offsets=intensity_shift, prob=p),
             RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=p / 2),

@@ -1,0 +1,45 @@
+"""Reading images of any supported format as channel-first arrays: NIfTI, NRRD, MHA, DICOM series, PNG/JPEG/TIFF.
+
+Planar (2D) files are read with PIL whatever their suffix, so an image and its mask get the same (identity) geometry
+even when one is a TIFF and the other a PNG; everything else goes to MONAI's default readers (nibabel for NIfTI, ITK
+for NRRD, MHA and DICOM series folders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+from monai.config import KeysCollection
+from monai.transforms import LoadImage, MapTransform
+
+PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def is_planar(path: str | Path) -> bool:
+    """Whether ``path`` is a 2D image file (read as a single-slice volume)."""
+    return Path(path).suffix.lower() in PLANAR_SUFFIXES
+
+
+def output_extension(paths: Sequence[str]) -> str:
+    """Suffix of the segmentations written for ``paths``: PNG when every query is a 2D image, NIfTI otherwise."""
+    return ".png" if paths and all(is_planar(path) for path in paths) else ".nii.gz"
+
+
+class LoadImagesd(MapTransform):
+    """Load each key's file (or DICOM series folder) as a channel-first MetaTensor, 2D files with PIL.
+
+    Args:
+        keys: keys of the file paths.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self._volume = LoadImage(image_only=True, ensure_channel_first=True)
+        self._planar = LoadImage(reader="PILReader", image_only=True, ensure_channel_first=True)
+
+    def __call__(self, data: Mapping[Hashable, str]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (self._planar if is_planar(d[key]) else self._volume)(d[key])
+        return d
