@@ -78,13 +78,16 @@ class Setting:
     num_workers: int
     demo_subjects: int
     demo_shape: tuple[int, int, int] = (64, 64, 64)
+    matmul_size: int = 2048  # square matmul that measures the device's dense FLOP/s
 
 
 QUICK = Setting("demo", (32, 32, 32), 2, 1, 4, (64, 64, 64), (128, 128, 75), 4, 1, 3, 2, 8, 1, 6)
 FULL_CPU = replace(
     QUICK, query_volume=(128, 128, 128), large_volume=(512, 512, 300), repeats=5, rounds=3, data_iterations=30
 )
-FULL_GPU = replace(FULL_CPU, preset="paper", patch=(128, 128, 128), demo_shape=(160, 160, 160), num_workers=4)
+FULL_GPU = replace(
+    FULL_CPU, preset="paper", patch=(128, 128, 128), demo_shape=(160, 160, 160), num_workers=4, matmul_size=8192
+)
 
 
 def count_parameters(network: torch.nn.Module) -> int:
@@ -322,7 +325,7 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size:
     return 2 * size**3 / statistics.median(times)
 
 
-def training_flops(network: IrisNet, batches: list[dict], device: torch.device, step_seconds: float) -> dict:
+def training_flops(network: IrisNet, batches: list[dict], setting: Setting, device, step_seconds: float) -> dict:
     """FLOPs of one training iteration (``FlopCounterMode``), divided by its measured median time."""
     trainer = iris_trainer(network, batches[:1], device)
     counter = FlopCounterMode(display=False)
@@ -330,7 +333,7 @@ def training_flops(network: IrisNet, batches: list[dict], device: torch.device, 
         trainer.run()
     flops = counter.get_total_flops()
     achieved = flops / step_seconds
-    peak = matmul_flops(device, size=8192 if device.type == "cuda" else 2048)
+    peak = matmul_flops(device, size=setting.matmul_size)
     return {
         "train_step_gflop": flops / 1e9,
         "train_achieved_gflops": achieved / 1e9,
@@ -389,7 +392,7 @@ def run_benchmark(setting: Setting, device: torch.device, dataset_json: str | Pa
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("train step ratio", lambda: train_step_ratio(network, unet, batches, setting, device)),
         ("mixed precision", lambda: amp_speedup(network, batches, setting, device)),
-        ("training FLOP/s", lambda: training_flops(network, batches, device, results["train_step_s_iris"])),
+        ("training FLOP/s", lambda: training_flops(network, batches, setting, device, results["train_step_s_iris"])),
         ("training memory", lambda: train_memory(network, unet, batches, device)),
         ("data wait", lambda: data_wait_fraction(network, pool, setting, device)),
         ("inference 15 vs 1 classes", lambda: infer_cost_ratio(network, setting, device)),

@@ -16,6 +16,9 @@ REPORTED = (
     "train_step_ratio_vs_unet",
     "train_step_s_iris",
     "train_step_s_unet",
+    "train_step_s_iris_contiguous",
+    "train_step_ratio_vs_unet_contiguous",
+    "channels_last_speedup",
     "infer_cost_ratio_15_vs_1_classes",
     "data_wait_fraction",
     "bf16_speedup",
@@ -46,6 +49,7 @@ def test_every_metric_is_finite_and_positive(benchmark, demo_dataset: Path, monk
     tiny = replace(
         benchmark.QUICK, preset="tiny", patch=(16, 16, 16), batch_size=1, max_classes=2, query_volume=(24, 24, 24),
         large_volume=(32, 32, 24), sw_batch_size=2, repeats=1, rounds=1, data_iterations=2, num_workers=0,
+        matmul_size=256,
     )  # fmt: skip
     results = benchmark.run_benchmark(tiny, torch.device("cpu"), demo_dataset)
     assert benchmark.finite_positive(results, REPORTED), {key: results.get(key) for key in REPORTED}
