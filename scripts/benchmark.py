@@ -101,8 +101,14 @@ def comparable_unet(target_parameters: int, out_channels: int, num_stages: int) 
         channels = [base * 2**i for i in range(num_stages)]
         return UNet(3, 1, out_channels, channels=channels, strides=[2] * (num_stages - 1), num_res_units=2)
 
-    best = min(range(2, 65), key=lambda base: abs(count_parameters(unet(base)) - target_parameters))
-    return unet(best)
+    base, previous = 2, unet(2)
+    while count_parameters(previous) < target_parameters:  # the count grows with base: stop at the first above
+        base, current = base + 1, unet(base + 1)
+        if count_parameters(current) >= target_parameters:
+            closer = abs(count_parameters(current) - target_parameters) < target_parameters - count_parameters(previous)
+            return current if closer else previous
+        previous = current
+    return previous
 
 
 def episode_batches(pool: DatasetPool, setting: Setting, count: int) -> list[dict[str, torch.Tensor]]:
@@ -424,7 +430,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="benchmark.json", help="where to write the JSON results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data_dir", default=None, help="demo data folder (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,8 +39,9 @@ REPORTED = (
 @pytest.fixture(scope="module")
 def benchmark():
     """The repo-level script, loaded by path: the repo's ``scripts/`` folder is deliberately not a package."""
-    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("iris_benchmark", REPO_ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
