@@ -46,6 +46,16 @@ def benchmark():
     return module
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: these tiny operations run several times faster on a shared CPU (no timing is asserted)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_every_metric_is_finite_and_positive(benchmark, demo_dataset: Path, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setitem(benchmark.PRESETS, "tiny", TINY_NET)
     tiny = replace(
