@@ -1,0 +1,451 @@
+"""Speed and memory of the IRIS bundle against a plain MONAI UNet, measured side by side in one process.
+
+Every timing is a median over repeats after warm-up, and every target is a ratio of two timings taken in the same
+process, so the numbers stay meaningful on a busy machine. See ``docs/benchmarks.md`` for the method.
+
+Examples::
+
+    python scripts/benchmark.py --quick --output bench_quick.json   # ~2 minutes on a 2-core CPU
+    python scripts/benchmark.py --output bench_full.json            # paper preset on a GPU, demo preset on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import psutil
+import torch
+from ignite.engine import Engine, Events
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.networks.nets import UNet
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = Path(__file__).resolve().parent
+BUNDLE_ROOT = HERE.parent / "bundle"
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]  # `scripts` = the bundle's
+sys.path.insert(0, str(BUNDLE_ROOT))
+
+from scripts.demo_data import make_demo_dataset  # noqa: E402
+from scripts.engines import EpisodicTrainer  # noqa: E402
+from scripts.episodes import EpisodeDataset  # noqa: E402
+from scripts.inferers import InContextInferer  # noqa: E402
+from scripts.losses import DiceBCELoss  # noqa: E402
+from scripts.networks import IrisNet, build_iris_net  # noqa: E402
+from scripts.optimizers import Lamb  # noqa: E402
+from scripts.performance import channels_last  # noqa: E402
+from scripts.pool import DatasetPool  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+PRESETS = {
+    "demo": {"base_channels": 8, "num_query_tokens": 8, "num_heads": 8, "channel_multipliers": (1, 2, 4, 8)},
+    "paper": {"base_channels": 32, "num_query_tokens": 10, "num_heads": 8, "channel_multipliers": (1, 2, 4, 8, 10)},
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one benchmark run measures; ``quick`` and ``full`` below are the two documented settings."""
+
+    preset: str
+    patch: tuple[int, int, int]
+    batch_size: int
+    k_shot: int
+    max_classes: int
+    query_volume: tuple[int, int, int]  # volume of the 15-vs-1-class inference ratio
+    large_volume: tuple[int, int, int]  # volume of the peak-memory and voxels/s inference measurement
+    sw_batch_size: int
+    warmup: int
+    repeats: int  # timed iterations per run
+    rounds: int  # interleaved runs of each compared side
+    data_iterations: int
+    num_workers: int
+    demo_subjects: int
+    demo_shape: tuple[int, int, int] = (64, 64, 64)
+    matmul_size: int = 2048  # square matmul that measures the device's dense FLOP/s
+
+
+QUICK = Setting("demo", (32, 32, 32), 2, 1, 4, (64, 64, 64), (128, 128, 75), 4, 1, 3, 2, 8, 1, 6)
+FULL_CPU = replace(
+    QUICK, query_volume=(128, 128, 128), large_volume=(512, 512, 300), repeats=5, rounds=3, data_iterations=30
+)
+FULL_GPU = replace(
+    FULL_CPU, preset="paper", patch=(128, 128, 128), demo_shape=(160, 160, 160), num_workers=4, matmul_size=8192
+)
+
+
+def count_parameters(network: torch.nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())
+
+
+def comparable_unet(target_parameters: int, out_channels: int, num_stages: int) -> UNet:
+    """A MONAI UNet with ``base * 2**i`` channels, ``base`` chosen so its parameter count is closest to the target."""
+
+    def unet(base: int) -> UNet:
+        channels = [base * 2**i for i in range(num_stages)]
+        return UNet(3, 1, out_channels, channels=channels, strides=[2] * (num_stages - 1), num_res_units=2)
+
+    base, previous = 2, unet(2)
+    while count_parameters(previous) < target_parameters:  # the count grows with base: stop at the first above
+        base, current = base + 1, unet(base + 1)
+        if count_parameters(current) >= target_parameters:
+            closer = abs(count_parameters(current) - target_parameters) < target_parameters - count_parameters(previous)
+            return current if closer else previous
+        previous = current
+    return previous
+
+
+def episode_batches(pool: DatasetPool, setting: Setting, count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` collated episode batches from the real episode pipeline, loaded once (data time excluded later)."""
+    dataset = EpisodeDataset(pool, count * setting.batch_size, setting.patch, setting.k_shot, setting.max_classes)
+    return list(DataLoader(dataset, batch_size=setting.batch_size, num_workers=0))
+
+
+def as_plain_batch(episode: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same patches (supports + queries, ``B*(S+1)`` of them) as a plain supervised ``image``/``label`` batch."""
+    images = torch.cat([episode["support_image"].flatten(0, 1), episode["query_image"]])
+    labels = torch.cat([episode["support_mask"].flatten(0, 1), episode["query_mask"]])
+    return {"image": images, "label": labels.float()}
+
+
+@contextmanager
+def iteration_timer(engine: Engine, skip: int) -> Iterator[dict[str, list[float]]]:
+    """Collect per-iteration compute time and batch-wait time from ignite events, ignoring the first ``skip``."""
+    times: dict[str, list[float]] = {"compute": [], "wait": []}
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> Callable[[Engine], None]:
+        return lambda _: marks.__setitem__(name, time.perf_counter())
+
+    def record(key: str, start: str) -> Callable[[Engine], None]:
+        def handler(e: Engine) -> None:
+            if e.state.iteration > skip:
+                times[key].append(time.perf_counter() - marks[start])
+
+        return handler
+
+    handles = [
+        engine.add_event_handler(Events.GET_BATCH_STARTED, mark("get")),
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, record("wait", "get")),
+        engine.add_event_handler(Events.ITERATION_STARTED, mark("iteration")),
+        engine.add_event_handler(Events.ITERATION_COMPLETED, record("compute", "iteration")),
+    ]
+    try:
+        yield times
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def median_iteration(trainer: SupervisedTrainer, warmup: int) -> float:
+    """Median compute time of one iteration over a run of the trainer (its loader holds preloaded batches)."""
+    with iteration_timer(trainer, skip=warmup) as times:
+        trainer.run()
+    return statistics.median(times["compute"])
+
+
+def iris_trainer(network: IrisNet, batches: list[dict], device: torch.device, amp: bool = False) -> EpisodicTrainer:
+    loader = TorchDataLoader(batches, batch_size=None)  # preloaded, already collated episodes
+    return EpisodicTrainer(
+        device, 1, loader, network, Lamb(network.parameters(), lr=1e-4), DiceBCELoss(), len(batches), amp=amp
+    )
+
+
+def unet_trainer(network: UNet, batches: list[dict], device: torch.device) -> SupervisedTrainer:
+    loader = TorchDataLoader([as_plain_batch(b) for b in batches], batch_size=None)
+    optimizer = Lamb(network.parameters(), lr=1e-4)
+    return SupervisedTrainer(device, 1, loader, network, optimizer, DiceBCELoss(), len(batches), decollate=False)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Alternate the runs ``rounds`` times and keep each one's median, so load changes hit all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(run())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def train_step_ratio(network: IrisNet, unet: UNet, batches: list[dict], setting: Setting, device) -> dict:
+    """One EpisodicTrainer iteration against one plain SupervisedTrainer iteration of the UNet on the same patches.
+
+    IRIS runs with channels-last convolutions (config ``channels_last: true``); the UNet runs as a plain MONAI bundle
+    runs it. IRIS in the default layout is timed in the same rounds, which gives the channels-last speed-up.
+    """
+    trainers = {
+        "iris": iris_trainer(channels_last(copy.deepcopy(network)), batches, device),
+        "iris_contiguous": iris_trainer(network, batches, device),
+        "unet": unet_trainer(unet, batches, device),
+    }
+    runs = {name: (lambda t=trainer: median_iteration(t, setting.warmup)) for name, trainer in trainers.items()}
+    medians = interleaved_medians(runs, setting.rounds)
+    return {
+        "train_step_s_iris": medians["iris"],
+        "train_step_s_iris_contiguous": medians["iris_contiguous"],
+        "train_step_s_unet": medians["unet"],
+        "train_step_ratio_vs_unet": medians["iris"] / medians["unet"],
+        "train_step_ratio_vs_unet_contiguous": medians["iris_contiguous"] / medians["unet"],
+        "channels_last_speedup": medians["iris_contiguous"] / medians["iris"],
+    }
+
+
+def amp_speedup(network: IrisNet, batches: list[dict], setting: Setting, device: torch.device) -> dict:
+    """Training-step speed-up of autocast (bf16 on CPU, fp16 + GradScaler on CUDA) over fp32."""
+    batches = batches[: setting.warmup + 1] if device.type == "cpu" else batches  # CPU bf16 is slow: one sample
+    fp32, mixed = iris_trainer(network, batches, device), iris_trainer(network, batches, device, amp=True)
+    medians = interleaved_medians(
+        {
+            "fp32": lambda: median_iteration(fp32, setting.warmup),
+            "amp": lambda: median_iteration(mixed, setting.warmup),
+        },
+        max(1, setting.rounds - 1),
+    )
+    name = "fp16_speedup" if device.type == "cuda" else "bf16_speedup"
+    return {name: medians["fp32"] / medians["amp"]}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def infer_seconds(network: IrisNet, inferer: InContextInferer, volume: torch.Tensor, classes: int) -> float:
+    """Time of one sliding-window inference of ``volume`` with ``classes`` task embeddings (encoded beforehand)."""
+    tokens, width = network.token_shape
+    inferer.set_task(torch.randn(1, classes, tokens, width, device=volume.device))
+    synchronize(volume.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        inferer(volume, network)
+    synchronize(volume.device)
+    return time.perf_counter() - start
+
+
+def infer_cost_ratio(network: IrisNet, setting: Setting, device: torch.device) -> dict:
+    """Sliding-window inference of one query volume with 15 classes against 1 class."""
+    network.eval()
+    inferer = InContextInferer(setting.patch, sw_batch_size=setting.sw_batch_size)
+    volume = torch.randn(1, 1, *setting.query_volume, device=device)
+    infer_seconds(network, inferer, volume, 15)  # warm-up
+    runs = {k: (lambda k=k: infer_seconds(network, inferer, volume, k)) for k in (1, 15)}
+    medians = interleaved_medians(runs, setting.rounds + 1)
+    return {
+        "infer_s_1_class": medians[1],
+        "infer_s_15_classes": medians[15],
+        "infer_cost_ratio_15_vs_1_classes": medians[15] / medians[1],
+    }
+
+
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS growth measures what a block allocates."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement then only counts growth beyond reused memory
+        pass
+
+
+@contextmanager
+def peak_memory(device: torch.device, interval: float = 0.005) -> Iterator[dict[str, int]]:
+    """Peak memory growth of the block: CUDA ``max_memory_allocated``; on CPU, peak RSS sampled by a thread."""
+    result = {"bytes": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    release_free_heap()
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak, stop = [base], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["bytes"] = max(peak[0], process.memory_info().rss) - base
+
+
+def large_volume_inference(network: IrisNet, setting: Setting, device: torch.device) -> dict:
+    """Peak memory and voxels/s of inferring ``large_volume`` with 15 classes (the volume is allocated outside)."""
+    network.eval()
+    inferer = InContextInferer(setting.patch, sw_batch_size=setting.sw_batch_size)
+    volume = torch.randn(1, 1, *setting.large_volume, device=device)
+    with peak_memory(device) as memory:
+        seconds = infer_seconds(network, inferer, volume, 15)
+    return {
+        "infer_large_volume": list(setting.large_volume),
+        "infer_peak_memory_mb_15_classes": memory["bytes"] / 2**20,
+        "infer_voxels_per_s_15_classes": volume.numel() / seconds,
+    }
+
+
+def train_memory(network: IrisNet, unet: UNet, batches: list[dict], device: torch.device) -> dict:
+    """Peak memory of one training iteration (one batch), IRIS and UNet, after a warm-up iteration."""
+    result = {}
+    for name, make in (("iris", iris_trainer), ("unet", unet_trainer)):
+        trainer = make(network if name == "iris" else unet, batches[:1], device)
+        trainer.run()  # warm-up: optimizer state and allocator pools exist before measuring
+        with peak_memory(device) as memory:
+            trainer.run()
+        result[f"train_peak_memory_mb_{name}"] = memory["bytes"] / 2**20
+    return result
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of a large square matmul on ``device`` (the machine's practical peak for dense math)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def training_flops(network: IrisNet, batches: list[dict], setting: Setting, device, step_seconds: float) -> dict:
+    """FLOPs of one training iteration (``FlopCounterMode``), divided by its measured median time."""
+    trainer = iris_trainer(network, batches[:1], device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.run()
+    flops = counter.get_total_flops()
+    achieved = flops / step_seconds
+    peak = matmul_flops(device, size=setting.matmul_size)
+    return {
+        "train_step_gflop": flops / 1e9,
+        "train_achieved_gflops": achieved / 1e9,
+        "matmul_gflops": peak / 1e9,
+        "train_flops_fraction_of_matmul": achieved / peak,
+    }
+
+
+def data_wait_fraction(network: IrisNet, pool: DatasetPool, setting: Setting, device: torch.device) -> dict:
+    """Share of training wall time spent waiting for the next episode batch from the real episode DataLoader."""
+    iterations = setting.data_iterations + setting.warmup
+    dataset = EpisodeDataset(pool, iterations * setting.batch_size, setting.patch, setting.k_shot, setting.max_classes)
+    loader = DataLoader(
+        dataset,
+        batch_size=setting.batch_size,
+        num_workers=setting.num_workers,
+        persistent_workers=setting.num_workers > 0,
+    )
+    trainer = EpisodicTrainer(
+        device, 1, loader, network, Lamb(network.parameters(), lr=1e-4), DiceBCELoss(), iterations
+    )
+    with iteration_timer(trainer, skip=setting.warmup) as times:
+        trainer.run()
+    wait, compute = sum(times["wait"]), sum(times["compute"])
+    return {"data_wait_fraction": wait / (wait + compute), "data_loader_workers": setting.num_workers}
+
+
+def versions(device: torch.device) -> dict:
+    import ignite
+    import monai
+
+    info = {
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "ignite": ignite.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{psutil.cpu_count()}",
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    return info
+
+
+def run_benchmark(setting: Setting, device: torch.device, dataset_json: str | Path) -> dict:
+    """Every measurement of ``setting`` on ``device`` with episodes of ``dataset_json``; returns JSON-ready results."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    pool = DatasetPool([str(dataset_json)], "training", num_workers=2)
+    network = build_iris_net(**PRESETS[setting.preset]).to(device)
+    stages = len(PRESETS[setting.preset]["channel_multipliers"])
+    unet = comparable_unet(count_parameters(network), setting.max_classes, stages).to(device)
+    batches = episode_batches(pool, setting, setting.warmup + setting.repeats)
+    logger.info("%-28s %6.1f s", "setup", time.perf_counter() - start)
+    results: dict = {"setting": asdict(setting), "versions": versions(device)}
+    results["params_iris"], results["params_unet"] = count_parameters(network), count_parameters(unet)
+    results["unet_channels"] = list(unet.channels)
+    steps: list[tuple[str, Callable[[], dict]]] = [
+        ("train step ratio", lambda: train_step_ratio(network, unet, batches, setting, device)),
+        ("mixed precision", lambda: amp_speedup(network, batches, setting, device)),
+        ("training FLOP/s", lambda: training_flops(network, batches, setting, device, results["train_step_s_iris"])),
+        ("training memory", lambda: train_memory(network, unet, batches, device)),
+        ("data wait", lambda: data_wait_fraction(network, pool, setting, device)),
+        ("inference 15 vs 1 classes", lambda: infer_cost_ratio(network, setting, device)),
+        ("large-volume inference", lambda: large_volume_inference(network, setting, device)),
+    ]
+    for name, step in steps:
+        start = time.perf_counter()
+        results.update(step())
+        logger.info("%-28s %6.1f s", name, time.perf_counter() - start)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Every scalar result as ``name | value`` rows."""
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}} | value", f"{'-' * width}-|------------"]
+    lines += [f"{k:<{width}} | {v:.4g}" if isinstance(v, float) else f"{k:<{width}} | {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def finite_positive(results: dict, keys: Sequence[str]) -> bool:
+    return all(isinstance(results.get(k), (int, float)) and math.isfinite(results[k]) and results[k] > 0 for k in keys)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="demo network, scaled-down volumes (~2 min on a CPU)")
+    parser.add_argument("--output", default="benchmark.json", help="where to write the JSON results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data_dir", default=None, help="demo data folder (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    device = torch.device(args.device)
+    setting = QUICK if args.quick else FULL_GPU if device.type == "cuda" else FULL_CPU
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset_json = make_demo_dataset(args.data_dir or tmp, setting.demo_subjects, 0, setting.demo_shape)
+        results = run_benchmark(setting, device, dataset_json)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
