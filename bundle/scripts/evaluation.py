@@ -140,16 +140,16 @@ class KShotEvaluation:
                 for v in values
             ]
             # k x K x T x C, each class from its own k references
-            per_reference, present = encode_references(self.network, references, values, self.patch_size)
+            per_reference, holds = encode_references(self.network, references, values, self.patch_size)
             names = [info.class_name(v) for v in values]
             for strategy in self.strategies:
                 columns = self._columns(strategy, names)  # the classes this strategy can segment
                 if not columns:
                     continue
                 if strategy == "retrieval":
-                    self.inferer.set_retrieval(per_reference, present, self.retrieval_top_k)
+                    self.inferer.set_retrieval(per_reference, holds, self.retrieval_top_k)
                 else:
-                    embeddings = self._embeddings(strategy, per_reference, present, references, values, names)
+                    embeddings = self._embeddings(strategy, per_reference, holds, references, values, names)
                     self.inferer.set_task(embeddings)  # memory: only the bank's classes, in column order
                 subjects = [s for s in self.val_pool.subjects if s.dataset == dataset_index]
                 for subject in subjects[rank() :: world_size()]:  # each rank scores its share of the subjects
