@@ -51,9 +51,9 @@ def resolve_classes(
     if not classes:
         if embeddings_file and Path(embeddings_file).is_file():
             return {str(k): int(v) for k, v in load_embeddings(embeddings_file)["classes"].items()}
-        classes = list(memory_classes) if strategy == "memory" else {}
-        if not classes:
-            return {}
+        classes = list(memory_classes) if strategy == "memory" else []
+    if not classes:
+        return {}
     if isinstance(classes, Mapping):
         return {str(name): int(value) for name, value in classes.items()}
     if strategy != "memory":
@@ -142,7 +142,7 @@ class TaskSetupHandler:
         per_reference, present = encode_references(network, per_class, values, self.patch_size)  # R x K x T x C
         if self.strategy == "retrieval":
             self.inferer.set_retrieval(per_reference, present, self.retrieval_top_k)
-            embeddings = ensemble(per_reference, present)
+            embeddings = self.inferer.task_embeddings  # the ensemble the first pass uses
         elif self.strategy == "one_shot":
             embeddings = one_shot(per_reference, present)
         else:

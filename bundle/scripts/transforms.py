@@ -211,6 +211,14 @@ def episode_augmentation(
     )
 
 
+def label_map(scores: torch.Tensor, label_values: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """K x ... per-class scores -> 1 x ... map of ``label_values``: each voxel takes its highest-scoring class if that
+    score is above ``threshold``, else 0. No K-channel probability buffer is made."""
+    best, index = scores.max(dim=0, keepdim=True)
+    labels = label_values.to(index.device)[index]
+    return torch.where(best > threshold, labels, torch.zeros_like(labels))
+
+
 class LogitsToLabelMapd(MapTransform):
     """Per-class logits (K x D x H x W) -> one label map (1 x D x H x W) of the classes' label values.
 
@@ -230,9 +238,7 @@ class LogitsToLabelMapd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             logits = d[key]
-            best, index = logits.max(dim=0, keepdim=True)
-            labels = self.label_values.to(index.device)[index]
-            labels = torch.where(best > 0, labels, torch.zeros_like(labels))
+            labels = label_map(logits, self.label_values)
             d[key] = (
                 MetaTensor(labels, meta=logits.meta, applied_operations=logits.applied_operations)
                 if isinstance(logits, MetaTensor)

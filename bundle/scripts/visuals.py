@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,9 @@ from monai.handlers import from_engine
 from monai.utils import optional_import
 
 from .reports import overlay_panels
+from .transforms import label_map
 
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
-logger = logging.getLogger(__name__)
-
-
-def label_map(channels: torch.Tensor, threshold: float) -> np.ndarray:
-    """K x D x H x W scores -> D x H x W label map (class k at value k+1 where its score is highest and above
-    ``threshold``)."""
-    best, index = channels.float().max(dim=0)
-    return torch.where(best > threshold, index + 1, 0).cpu().numpy()
 
 
 class ValidationOverlays:
@@ -56,8 +48,10 @@ class ValidationOverlays:
             return
         output = engine.state.output
         image = output["image"][0, 0].float().cpu().numpy()
-        truth, pred = label_map(output["label"][0], 0.5), label_map(output["pred"][0], 0.0)
-        values = list(range(1, output["pred"].shape[1] + 1))
+        values = list(range(1, output["pred"].shape[1] + 1))  # class k shown as value k + 1
+        codes = torch.tensor(values)
+        truth = label_map(output["label"][0].float(), codes, threshold=0.5)[0].cpu().numpy()
+        pred = label_map(output["pred"][0].float(), codes)[0].cpu().numpy()
         foreground = np.argwhere(truth > 0)
         centre = foreground.mean(0).astype(int) if len(foreground) else None
         panels = [overlay_panels(image, labels, values, centre) for labels in (truth, pred)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from monai.transforms import LoadImage
@@ -33,6 +35,12 @@ def label_names(info: Mapping, values: list[int], default_names: Mapping[str, in
     return {value: names.get(value, f"label_{value}") for value in values}
 
 
+@lru_cache(maxsize=1024)
+def _label_values(path: str, modified: float) -> tuple[int, ...]:
+    """Non-zero values of a label map; cached per file version, so a request re-reads only new or changed labels."""
+    return tuple(int(v) for v in np.unique(np.asarray(LoadImage(image_only=True)(path))) if v != 0)
+
+
 def collect_references(
     datastore: Datastore, exclude_image: str | None = None, default_names: Mapping[str, int] | None = None
 ) -> DatastoreReferences:
@@ -42,7 +50,6 @@ def collect_references(
     takes each class from the references that hold it).
     """
     references = DatastoreReferences()
-    reader = LoadImage(image_only=True)
     names_by_value: dict[int, str] = {}
     for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
         image_uri = datastore.get_image_uri(image_id)
@@ -50,7 +57,7 @@ def collect_references(
             continue
         label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
         label_uri = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
-        values = [int(v) for v in np.unique(np.asarray(reader(label_uri))) if v != 0]
+        values = list(_label_values(label_uri, os.path.getmtime(label_uri)))
         if not values:
             logger.info(f"IRIS: {label_uri} is empty; not used as a reference")
             continue

@@ -14,14 +14,14 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
 from .bundle import IrisSettings
-from .references import collect_references
+from .references import DatastoreReferences, collect_references
 
 logger = logging.getLogger(__name__)
 
 DATASET_NAME = "monailabel"
 
 
-def write_pool(references, modality: str, path: Path) -> Path:
+def write_pool(references: DatastoreReferences, modality: str, path: Path) -> Path:
     """A one-dataset pool (MSD-style ``dataset.json``) of the labelled volumes.
 
     With three or more labelled volumes one in five (at least one) is kept for validation; with fewer, validation
