@@ -33,6 +33,7 @@ from ignite.engine import Engine, Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from monai.networks.nets import UNet
+from torch import nn
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -111,6 +112,27 @@ def comparable_unet(target_parameters: int, out_channels: int, num_stages: int) 
     return previous
 
 
+class OwnBackbone(nn.Module):
+    """IRIS's encoder and U-Net decoder with a 1x1x1 head to K classes: the same backbone as a plain segmenter.
+
+    Trained like the UNet (every patch of the episode is a segmentation sample), it separates the cost of the episodic
+    machinery (task encoding, two-way attention, per-class dot products, memory bank) from the cost of the backbone.
+    """
+
+    def __init__(self, network: IrisNet, out_channels: int) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(network.encoder)
+        self.up_blocks = copy.deepcopy(network.mask_decoder.up_blocks)
+        self.head = nn.Conv3d(network.encoder.channels[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        x = features[-1]
+        for i, up in enumerate(self.up_blocks):
+            x = up(x, features[-2 - i])
+        return self.head(x)
+
+
 def episode_batches(pool: DatasetPool, setting: Setting, count: int) -> list[dict[str, torch.Tensor]]:
     """``count`` collated episode batches from the real episode pipeline, loaded once (data time excluded later)."""
     dataset = EpisodeDataset(pool, count * setting.batch_size, setting.patch, setting.k_shot, setting.max_classes)
@@ -167,7 +189,7 @@ def iris_trainer(network: IrisNet, batches: list[dict], device: torch.device, am
     )
 
 
-def unet_trainer(network: UNet, batches: list[dict], device: torch.device) -> SupervisedTrainer:
+def unet_trainer(network: nn.Module, batches: list[dict], device: torch.device) -> SupervisedTrainer:
     loader = TorchDataLoader([as_plain_batch(b) for b in batches], batch_size=None)
     optimizer = Lamb(network.parameters(), lr=1e-4)
     return SupervisedTrainer(device, 1, loader, network, optimizer, DiceBCELoss(), len(batches), decollate=False)
@@ -186,11 +208,15 @@ def train_step_ratio(network: IrisNet, unet: UNet, batches: list[dict], setting:
     """One EpisodicTrainer iteration against one plain SupervisedTrainer iteration of the UNet on the same patches.
 
     IRIS runs with channels-last convolutions (config ``channels_last: true``); the UNet runs as a plain MONAI bundle
-    runs it. IRIS in the default layout is timed in the same rounds, which gives the channels-last speed-up.
+    runs it. IRIS in the default layout and IRIS's own backbone as a plain segmenter (``OwnBackbone``, also
+    channels-last) are timed in the same rounds: they give the channels-last speed-up and split the ratio into
+    backbone cost and episodic overhead.
     """
+    backbone = OwnBackbone(network, setting.max_classes).to(device)
     trainers = {
         "iris": iris_trainer(channels_last(copy.deepcopy(network)), batches, device),
         "iris_contiguous": iris_trainer(network, batches, device),
+        "own_backbone": unet_trainer(channels_last(backbone), batches, device),
         "unet": unet_trainer(unet, batches, device),
     }
     runs = {name: (lambda t=trainer: median_iteration(t, setting.warmup)) for name, trainer in trainers.items()}
@@ -202,6 +228,9 @@ def train_step_ratio(network: IrisNet, unet: UNet, batches: list[dict], setting:
         "train_step_ratio_vs_unet": medians["iris"] / medians["unet"],
         "train_step_ratio_vs_unet_contiguous": medians["iris_contiguous"] / medians["unet"],
         "channels_last_speedup": medians["iris_contiguous"] / medians["iris"],
+        "train_step_s_own_backbone": medians["own_backbone"],
+        "train_step_ratio_own_backbone_vs_unet": medians["own_backbone"] / medians["unet"],
+        "episodic_overhead_vs_own_backbone": medians["iris"] / medians["own_backbone"],
     }
 
 
@@ -292,17 +321,21 @@ def peak_memory(device: torch.device, interval: float = 0.005) -> Iterator[dict[
 
 
 def large_volume_inference(network: IrisNet, setting: Setting, device: torch.device) -> dict:
-    """Peak memory and voxels/s of inferring ``large_volume`` with 15 classes (the volume is allocated outside)."""
+    """Peak memory and voxels/s of inferring ``large_volume`` with 15 classes (the volume is allocated outside).
+
+    On a GPU the same inference is also measured with the logits stitched in CPU memory (``cpu_thresh=0``).
+    """
     network.eval()
-    inferer = InContextInferer(setting.patch, sw_batch_size=setting.sw_batch_size)
     volume = torch.randn(1, 1, *setting.large_volume, device=device)
-    with peak_memory(device) as memory:
-        seconds = infer_seconds(network, inferer, volume, 15)
-    return {
-        "infer_large_volume": list(setting.large_volume),
-        "infer_peak_memory_mb_15_classes": memory["bytes"] / 2**20,
-        "infer_voxels_per_s_15_classes": volume.numel() / seconds,
-    }
+    results: dict = {"infer_large_volume": list(setting.large_volume)}
+    variants = {"": None, "_cpu_stitching": 0} if device.type == "cuda" else {"": None}
+    for suffix, cpu_thresh in variants.items():
+        inferer = InContextInferer(setting.patch, sw_batch_size=setting.sw_batch_size, cpu_thresh=cpu_thresh)
+        with peak_memory(device) as memory:
+            seconds = infer_seconds(network, inferer, volume, 15)
+        results[f"infer_peak_memory_mb_15_classes{suffix}"] = memory["bytes"] / 2**20
+        results[f"infer_voxels_per_s_15_classes{suffix}"] = volume.numel() / seconds
+    return results
 
 
 def train_memory(network: IrisNet, unet: UNet, batches: list[dict], device: torch.device) -> dict:
@@ -331,18 +364,26 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size:
     return 2 * size**3 / statistics.median(times)
 
 
-def training_flops(network: IrisNet, batches: list[dict], setting: Setting, device, step_seconds: float) -> dict:
-    """FLOPs of one training iteration (``FlopCounterMode``), divided by its measured median time."""
-    trainer = iris_trainer(network, batches[:1], device)
+def iteration_flops(trainer: SupervisedTrainer) -> int:
+    """FLOPs of one training iteration of ``trainer`` (its loader holds one batch), counted by ``FlopCounterMode``."""
     counter = FlopCounterMode(display=False)
     with counter:
         trainer.run()
-    flops = counter.get_total_flops()
-    achieved = flops / step_seconds
+    return counter.get_total_flops()
+
+
+def training_flops(network: IrisNet, unet: UNet, batches: list[dict], setting: Setting, device, results: dict) -> dict:
+    """FLOPs of one training iteration, IRIS and UNet; IRIS's divided by its measured median time."""
+    flops = iteration_flops(iris_trainer(network, batches[:1], device))
+    unet_flops = iteration_flops(unet_trainer(unet, batches[:1], device))
+    achieved = flops / results["train_step_s_iris"]
     peak = matmul_flops(device, size=setting.matmul_size)
     return {
         "train_step_gflop": flops / 1e9,
+        "train_step_gflop_unet": unet_flops / 1e9,
+        "train_flop_ratio_vs_unet": flops / unet_flops,
         "train_achieved_gflops": achieved / 1e9,
+        "train_achieved_gflops_unet": unet_flops / results["train_step_s_unet"] / 1e9,
         "matmul_gflops": peak / 1e9,
         "train_flops_fraction_of_matmul": achieved / peak,
     }
@@ -382,8 +423,13 @@ def versions(device: torch.device) -> dict:
     return info
 
 
-def run_benchmark(setting: Setting, device: torch.device, dataset_json: str | Path) -> dict:
-    """Every measurement of ``setting`` on ``device`` with episodes of ``dataset_json``; returns JSON-ready results."""
+def run_benchmark(
+    setting: Setting, device: torch.device, dataset_json: str | Path, output: str | Path | None = None
+) -> dict:
+    """Every measurement of ``setting`` on ``device`` with episodes of ``dataset_json``; returns JSON-ready results.
+
+    With ``output``, the results so far are written there after every step, so a run stopped early keeps them.
+    """
     start = time.perf_counter()
     torch.manual_seed(0)
     pool = DatasetPool([str(dataset_json)], "training", num_workers=2)
@@ -398,7 +444,7 @@ def run_benchmark(setting: Setting, device: torch.device, dataset_json: str | Pa
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("train step ratio", lambda: train_step_ratio(network, unet, batches, setting, device)),
         ("mixed precision", lambda: amp_speedup(network, batches, setting, device)),
-        ("training FLOP/s", lambda: training_flops(network, batches, setting, device, results["train_step_s_iris"])),
+        ("training FLOP/s", lambda: training_flops(network, unet, batches, setting, device, results)),
         ("training memory", lambda: train_memory(network, unet, batches, device)),
         ("data wait", lambda: data_wait_fraction(network, pool, setting, device)),
         ("inference 15 vs 1 classes", lambda: infer_cost_ratio(network, setting, device)),
@@ -408,6 +454,8 @@ def run_benchmark(setting: Setting, device: torch.device, dataset_json: str | Pa
         start = time.perf_counter()
         results.update(step())
         logger.info("%-28s %6.1f s", name, time.perf_counter() - start)
+        if output is not None:
+            Path(output).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -441,8 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     setting = QUICK if args.quick else FULL_GPU if device.type == "cuda" else FULL_CPU
     with tempfile.TemporaryDirectory() as tmp:
         dataset_json = make_demo_dataset(args.data_dir or tmp, setting.demo_subjects, 0, setting.demo_shape)
-        results = run_benchmark(setting, device, dataset_json)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        results = run_benchmark(setting, device, dataset_json, args.output)
     print(format_table(results))
     return results
 

@@ -20,6 +20,9 @@ REPORTED = (
     "train_step_s_iris_contiguous",
     "train_step_ratio_vs_unet_contiguous",
     "channels_last_speedup",
+    "train_step_s_own_backbone",
+    "train_step_ratio_own_backbone_vs_unet",
+    "episodic_overhead_vs_own_backbone",
     "infer_cost_ratio_15_vs_1_classes",
     "data_wait_fraction",
     "bf16_speedup",
@@ -28,6 +31,9 @@ REPORTED = (
     "infer_peak_memory_mb_15_classes",
     "infer_voxels_per_s_15_classes",
     "train_step_gflop",
+    "train_step_gflop_unet",
+    "train_flop_ratio_vs_unet",
+    "train_achieved_gflops_unet",
     "train_achieved_gflops",
     "matmul_gflops",
     "train_flops_fraction_of_matmul",
@@ -63,8 +69,9 @@ def test_every_metric_is_finite_and_positive(benchmark, demo_dataset: Path, monk
         large_volume=(32, 32, 24), sw_batch_size=2, repeats=1, rounds=1, data_iterations=2, num_workers=0,
         matmul_size=256,
     )  # fmt: skip
-    results = benchmark.run_benchmark(tiny, torch.device("cpu"), demo_dataset)
+    output = tmp_path / "out.json"
+    results = benchmark.run_benchmark(tiny, torch.device("cpu"), demo_dataset, output)
     assert benchmark.finite_positive(results, REPORTED), {key: results.get(key) for key in REPORTED}
     assert results["data_wait_fraction"] < 1
-    (tmp_path / "out.json").write_text(json.dumps(results))  # JSON-serialisable as written by main()
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))  # written after the last step too
     assert "train_step_ratio_vs_unet" in benchmark.format_table(results)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from scripts.inferers import InContextInferer
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -206,3 +207,18 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
         messages = chained_messages(error.value)
         assert all(text in messages for text in expected), messages
         assert not (tmp_path / "out" / "summary.json").exists()  # failed before segmenting anything
+
+
+def test_cpu_stitching_keeps_the_logits() -> None:
+    """``sw_cpu_thresh`` moves the stitching buffer to the CPU; the logits stay the same (on a GPU it saves memory)."""
+    torch.manual_seed(0)
+    net = build_iris_net(**SIZE).eval()
+    volume, embeddings = torch.randn(1, 1, 40, 36, 24), torch.randn(1, 2, 4, 32)
+    logits = []
+    for cpu_thresh in (None, 0):
+        inferer = InContextInferer((16, 16, 16), sw_batch_size=2, cpu_thresh=cpu_thresh)
+        inferer.set_task(embeddings)
+        with torch.no_grad():
+            logits.append(inferer(volume, net))
+    assert logits[0].shape == (1, 2, 40, 36, 24)
+    torch.testing.assert_close(logits[0], logits[1])

@@ -42,12 +42,24 @@ class InContextInferer(Inferer):
         sw_batch_size: windows per forward pass.
         overlap: window overlap.
         mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
+        cpu_thresh: stitch the K-channel logits in CPU memory for volumes of more voxels than this (MONAI's
+            ``SlidingWindowInferer`` option, which also falls back to CPU stitching when the GPU runs out of memory);
+            None stitches on the input's device.
     """
 
-    def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 2, overlap: float = 0.5, mode: str = "gaussian"):
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 2,
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        cpu_thresh: int | None = None,
+    ):
         super().__init__()
         self.roi_size = tuple(roi_size)
-        self.window = VolumeSlidingWindowInferer(roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+        self.window = VolumeSlidingWindowInferer(
+            roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, cpu_thresh=cpu_thresh
+        )
         self.task_embeddings: torch.Tensor | None = None
         self._references: tuple[torch.Tensor, torch.Tensor] | None = None
         self._top_k = 1

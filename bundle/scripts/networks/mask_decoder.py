@@ -15,16 +15,23 @@ from .transformer import TwoWayTransformer
 
 
 class UpBlock(nn.Module):
-    """Upsample to the skip's size (trilinear, so odd sizes and depth 1 work), concatenate, residual block."""
+    """Project to the skip's width, upsample to its size, concatenate, residual block.
+
+    The 1x1x1 projection runs at the coarse resolution before the (trilinear, so odd sizes and depth 1 work)
+    upsampling, as nnU-Net's decoder reduces channels before concatenating: the block's first convolution then sees
+    ``2 * skip_channels`` inputs instead of ``in_channels + skip_channels``, which makes the full-resolution block, the
+    costliest layer of a training step, a quarter cheaper (see docs/benchmarks.md).
+    """
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
+        self.project = nn.Conv3d(in_channels, skip_channels, kernel_size=1)
         self.block = UnetResBlock(
-            3, in_channels + skip_channels, out_channels, kernel_size=3, stride=1, norm_name=NORM, act_name=ACT
+            3, 2 * skip_channels, out_channels, kernel_size=3, stride=1, norm_name=NORM, act_name=ACT
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        x = F.interpolate(self.project(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
         return self.block(torch.cat([x, skip], dim=1))
 
 
