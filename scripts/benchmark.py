@@ -207,27 +207,27 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], rounds: int) -> di
 def train_step_ratio(network: IrisNet, unet: UNet, batches: list[dict], setting: Setting, device) -> dict:
     """One EpisodicTrainer iteration against one plain SupervisedTrainer iteration of the UNet on the same patches.
 
-    IRIS runs with channels-last convolutions (config ``channels_last: true``); the UNet runs as a plain MONAI bundle
-    runs it. IRIS in the default layout and IRIS's own backbone as a plain segmenter (``OwnBackbone``, also
-    channels-last) are timed in the same rounds: they give the channels-last speed-up and split the ratio into
-    backbone cost and episodic overhead.
+    IRIS and the UNet run as their bundles run them by default (fp32, default memory layout). IRIS with channels-last
+    convolutions (config ``channels_last: true``) and IRIS's own backbone as a plain segmenter (``OwnBackbone``) are
+    timed in the same rounds: they give the channels-last speed-up and split the ratio into backbone cost and
+    episodic overhead.
     """
     backbone = OwnBackbone(network, setting.max_classes).to(device)
     trainers = {
-        "iris": iris_trainer(channels_last(copy.deepcopy(network)), batches, device),
-        "iris_contiguous": iris_trainer(network, batches, device),
-        "own_backbone": unet_trainer(channels_last(backbone), batches, device),
+        "iris": iris_trainer(network, batches, device),
+        "iris_channels_last": iris_trainer(channels_last(copy.deepcopy(network)), batches, device),
+        "own_backbone": unet_trainer(backbone, batches, device),
         "unet": unet_trainer(unet, batches, device),
     }
     runs = {name: (lambda t=trainer: median_iteration(t, setting.warmup)) for name, trainer in trainers.items()}
     medians = interleaved_medians(runs, setting.rounds)
     return {
         "train_step_s_iris": medians["iris"],
-        "train_step_s_iris_contiguous": medians["iris_contiguous"],
+        "train_step_s_iris_channels_last": medians["iris_channels_last"],
         "train_step_s_unet": medians["unet"],
         "train_step_ratio_vs_unet": medians["iris"] / medians["unet"],
-        "train_step_ratio_vs_unet_contiguous": medians["iris_contiguous"] / medians["unet"],
-        "channels_last_speedup": medians["iris_contiguous"] / medians["iris"],
+        "train_step_ratio_vs_unet_channels_last": medians["iris_channels_last"] / medians["unet"],
+        "channels_last_speedup": medians["iris"] / medians["iris_channels_last"],
         "train_step_s_own_backbone": medians["own_backbone"],
         "train_step_ratio_own_backbone_vs_unet": medians["own_backbone"] / medians["unet"],
         "episodic_overhead_vs_own_backbone": medians["iris"] / medians["own_backbone"],
@@ -247,6 +247,47 @@ def amp_speedup(network: IrisNet, batches: list[dict], setting: Setting, device:
     )
     name = "fp16_speedup" if device.type == "cuda" else "bf16_speedup"
     return {name: medians["fp32"] / medians["amp"]}
+
+
+@contextmanager
+def cudnn_mode(mode: str) -> Iterator[None]:
+    """cuDNN as ``default`` leaves it, as ``deterministic`` (what ``monai.utils.set_determinism`` sets), or with
+    ``benchmark`` autotuning."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = mode == "deterministic", mode == "benchmark"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def cuda_step_options(network: IrisNet, batches: list[dict], setting: Setting) -> dict:
+    """CUDA only: IRIS training step under each cuDNN mode, and fp16 autocast with channels-last, against the default.
+
+    The bundle's ``initialize`` calls ``set_determinism``, which makes cuDNN deterministic; this shows its cost.
+    """
+    device = next(network.parameters()).device
+    layouts = {"contiguous": network, "channels_last": channels_last(copy.deepcopy(network))}
+    runs = {}
+    for mode in ("default", "deterministic", "benchmark"):
+        trainer = iris_trainer(network, batches, device)
+        runs[mode] = lambda t=trainer, m=mode: timed_in_mode(t, m, setting.warmup)
+    for layout, net in layouts.items():
+        trainer = iris_trainer(net, batches, device, amp=True)
+        runs[f"amp_{layout}"] = lambda t=trainer: timed_in_mode(t, "default", setting.warmup)
+    medians = interleaved_medians(runs, setting.rounds)
+    return {
+        "train_step_s_iris_cudnn_deterministic": medians["deterministic"],
+        "cudnn_deterministic_slowdown": medians["deterministic"] / medians["default"],
+        "cudnn_benchmark_speedup": medians["default"] / medians["benchmark"],
+        "fp16_channels_last_speedup": medians["default"] / medians["amp_channels_last"],
+        "fp16_contiguous_speedup": medians["default"] / medians["amp_contiguous"],
+    }
+
+
+def timed_in_mode(trainer: SupervisedTrainer, mode: str, warmup: int) -> float:
+    with cudnn_mode(mode):
+        return median_iteration(trainer, warmup)
 
 
 def synchronize(device: torch.device) -> None:
@@ -450,6 +491,8 @@ def run_benchmark(
         ("inference 15 vs 1 classes", lambda: infer_cost_ratio(network, setting, device)),
         ("large-volume inference", lambda: large_volume_inference(network, setting, device)),
     ]
+    if device.type == "cuda":
+        steps.append(("cuDNN modes, fp16 layouts", lambda: cuda_step_options(network, batches, setting)))
     for name, step in steps:
         start = time.perf_counter()
         results.update(step())
@@ -479,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data_dir", default=None, help="demo data folder (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers of the data-wait run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -487,6 +531,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger.setLevel(logging.INFO)
     device = torch.device(args.device)
     setting = QUICK if args.quick else FULL_GPU if device.type == "cuda" else FULL_CPU
+    if args.num_workers is not None:
+        setting = replace(setting, num_workers=args.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
         dataset_json = make_demo_dataset(args.data_dir or tmp, setting.demo_subjects, 0, setting.demo_shape)
         results = run_benchmark(setting, device, dataset_json, args.output)
