@@ -34,4 +34,4 @@ step torchrun_nccl 180 torchrun --standalone --nnodes=1 --nproc_per_node=1 -m mo
     --bundle_root bundle --dataset_dir "$work/demo" --total_iterations 100 --eval_every 100 --amp True \
     --output_dir "$work/ddp/logs" --ckpt_dir "$work/ddp/models"
 cp "$work/amp/logs/validation_report.json" "$out/train_amp_validation_report.json" 2>/dev/null
-grep -h "Final\|Resuming\|Error\|error" "$out"/train_amp.log "$out"/torchrun_nccl.log | tail -n 20
+grep -h "Final\|Resuming\|Error\|error\|Grad strides" "$out"/train_amp.log "$out"/torchrun_nccl.log | tail -n 20

@@ -20,18 +20,21 @@ class UpBlock(nn.Module):
     The 1x1x1 projection runs at the coarse resolution before the (trilinear, so odd sizes and depth 1 work)
     upsampling, as nnU-Net's decoder reduces channels before concatenating: the block's first convolution then sees
     ``2 * skip_channels`` inputs instead of ``in_channels + skip_channels``, which makes the full-resolution block, the
-    costliest layer of a training step, a quarter cheaper (see docs/benchmarks.md).
+    costliest layer of a training step, a quarter cheaper (see docs/benchmarks.md). The projection is a per-voxel
+    ``nn.Linear`` rather than a 1x1x1 convolution: cuDNN returned that convolution's weight gradient with strides
+    that differ from the weight's, which DDP warns about and copies every step.
     """
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.project = nn.Conv3d(in_channels, skip_channels, kernel_size=1)
+        self.project = nn.Linear(in_channels, skip_channels)
         self.block = UnetResBlock(
             3, 2 * skip_channels, out_channels, kernel_size=3, stride=1, norm_name=NORM, act_name=ACT
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(self.project(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
+        x = self.project(x.movedim(1, -1)).movedim(-1, 1)
+        x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
         return self.block(torch.cat([x, skip], dim=1))
 
 
