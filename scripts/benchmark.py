@@ -364,14 +364,17 @@ def peak_memory(device: torch.device, interval: float = 0.005) -> Iterator[dict[
 def large_volume_inference(network: IrisNet, setting: Setting, device: torch.device) -> dict:
     """Peak memory and voxels/s of inferring ``large_volume`` with 15 classes (the volume is allocated outside).
 
-    On a GPU the same inference is also measured with the logits stitched in CPU memory (``cpu_thresh=0``).
+    Also measured with a float16 stitching buffer (``stitch_dtype``, the label-map default of ``inference.json``)
+    and, on a GPU, with the logits stitched in CPU memory (``cpu_thresh=0``).
     """
     network.eval()
     volume = torch.randn(1, 1, *setting.large_volume, device=device)
     results: dict = {"infer_large_volume": list(setting.large_volume)}
-    variants = {"": None, "_cpu_stitching": 0} if device.type == "cuda" else {"": None}
-    for suffix, cpu_thresh in variants.items():
-        inferer = InContextInferer(setting.patch, sw_batch_size=setting.sw_batch_size, cpu_thresh=cpu_thresh)
+    variants = {"": {}, "_float16_stitching": {"stitch_dtype": "float16"}}
+    if device.type == "cuda":
+        variants["_cpu_stitching"] = {"cpu_thresh": 0}
+    for suffix, options in variants.items():
+        inferer = InContextInferer(setting.patch, sw_batch_size=setting.sw_batch_size, **options)
         with peak_memory(device) as memory:
             seconds = infer_seconds(network, inferer, volume, 15)
         results[f"infer_peak_memory_mb_15_classes{suffix}"] = memory["bytes"] / 2**20

@@ -30,6 +30,8 @@ REPORTED = (
     "train_peak_memory_mb_unet",
     "infer_peak_memory_mb_15_classes",
     "infer_voxels_per_s_15_classes",
+    "infer_peak_memory_mb_15_classes_float16_stitching",
+    "infer_voxels_per_s_15_classes_float16_stitching",
     "train_step_gflop",
     "train_step_gflop_unet",
     "train_flop_ratio_vs_unet",

@@ -13,6 +13,7 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.inferers import InContextInferer
 from scripts.networks import build_iris_net
+from scripts.transforms import label_map
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -209,16 +210,29 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
         assert not (tmp_path / "out" / "summary.json").exists()  # failed before segmenting anything
 
 
-def test_cpu_stitching_keeps_the_logits() -> None:
-    """``sw_cpu_thresh`` moves the stitching buffer to the CPU; the logits stay the same (on a GPU it saves memory)."""
+@pytest.mark.parametrize("options", [{"cpu_thresh": 0}, {"stitch_dtype": "float16"}])
+def test_stitching_options_keep_the_result(options: dict) -> None:
+    """CPU stitching gives the same logits; a float16 buffer the same logits up to rounding and the same label map."""
     torch.manual_seed(0)
     net = build_iris_net(**SIZE).eval()
     volume, embeddings = torch.randn(1, 1, 40, 36, 24), torch.randn(1, 2, 4, 32)
     logits = []
-    for cpu_thresh in (None, 0):
-        inferer = InContextInferer((16, 16, 16), sw_batch_size=2, cpu_thresh=cpu_thresh)
+    for kwargs in ({}, options):
+        inferer = InContextInferer((16, 16, 16), sw_batch_size=2, **kwargs)
         inferer.set_task(embeddings)
         with torch.no_grad():
             logits.append(inferer(volume, net))
-    assert logits[0].shape == (1, 2, 40, 36, 24)
-    torch.testing.assert_close(logits[0], logits[1])
+    reference, result = logits
+    assert reference.shape == result.shape == (1, 2, 40, 36, 24)
+    if "cpu_thresh" in options:
+        torch.testing.assert_close(result, reference)
+        return
+    assert result.dtype == torch.float16
+    torch.testing.assert_close(result.float(), reference, rtol=0, atol=0.02 * float(reference.abs().max()))
+    labels = [label_map(x[0], torch.tensor([1, 2])) for x in (reference, result.float())]
+    assert (labels[0] == labels[1]).float().mean() > 0.999
+
+
+def test_bad_stitch_dtype_is_named() -> None:
+    with pytest.raises(ValueError, match="'float17'"):
+        InContextInferer((16, 16, 16), stitch_dtype="float17")

@@ -45,6 +45,9 @@ class InContextInferer(Inferer):
         cpu_thresh: stitch the K-channel logits in CPU memory for volumes of more voxels than this (MONAI's
             ``SlidingWindowInferer`` option, which also falls back to CPU stitching when the GPU runs out of memory);
             None stitches on the input's device.
+        stitch_dtype: dtype of the full-resolution K-channel stitching buffer, e.g. ``"float16"`` to halve it when a
+            label map is all that is needed (MONAI stitches in the input's dtype, so the volume is cast to it and each
+            window back to the network's dtype); None keeps the input's dtype.
     """
 
     def __init__(
@@ -54,8 +57,16 @@ class InContextInferer(Inferer):
         overlap: float = 0.5,
         mode: str = "gaussian",
         cpu_thresh: int | None = None,
+        stitch_dtype: str | torch.dtype | None = None,
     ):
         super().__init__()
+        if isinstance(stitch_dtype, str):
+            name, stitch_dtype = stitch_dtype, getattr(torch, stitch_dtype, None)
+            if not isinstance(stitch_dtype, torch.dtype) or not stitch_dtype.is_floating_point:
+                raise ValueError(
+                    f"stitch_dtype must name a floating-point torch dtype such as 'float16', got {name!r}."
+                )
+        self.stitch_dtype = stitch_dtype
         self.roi_size = tuple(roi_size)
         self.window = VolumeSlidingWindowInferer(
             roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, cpu_thresh=cpu_thresh
@@ -78,7 +89,7 @@ class InContextInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
         """Return logits B x K x D x H x W for ``inputs`` (B x 1 x D x H x W)."""
-        logits = self.window(inputs, network, task_embeddings=self.task_embeddings)
+        logits = self._stitch(inputs, network, self.task_embeddings)
         if self._references is None:
             return logits
         found = logits[0] > 0  # K x D x H x W, the objects of the first pass
@@ -86,7 +97,18 @@ class InContextInferer(Inferer):
             return logits  # a class was not found at all: keep the ensemble result for every class
         query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
         chosen = retrieve(*self._references, query_embeddings.transpose(0, 1), self._top_k)
-        return self.window(inputs, network, task_embeddings=chosen)
+        return self._stitch(inputs, network, chosen)
+
+    def _stitch(self, inputs: torch.Tensor, network: nn.Module, embeddings: torch.Tensor | None) -> torch.Tensor:
+        """Sliding windows over ``inputs``, stitched in ``stitch_dtype``; the network still sees ``inputs.dtype``."""
+        if self.stitch_dtype is None or self.stitch_dtype == inputs.dtype:
+            return self.window(inputs, network, task_embeddings=embeddings)
+        network_dtype, stitch_dtype = inputs.dtype, self.stitch_dtype
+
+        def predict(window: torch.Tensor, **kwargs) -> torch.Tensor:
+            return network(window.to(network_dtype), **kwargs).to(stitch_dtype)
+
+        return self.window(inputs.to(stitch_dtype), predict, task_embeddings=embeddings)
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""
