@@ -122,15 +122,12 @@ class OwnBackbone(nn.Module):
     def __init__(self, network: IrisNet, out_channels: int) -> None:
         super().__init__()
         self.encoder = copy.deepcopy(network.encoder)
-        self.up_blocks = copy.deepcopy(network.mask_decoder.up_blocks)
+        self.decoder = copy.deepcopy(network.mask_decoder)  # only its U-Net part runs (the rest gets no gradient)
         self.head = nn.Conv3d(network.encoder.channels[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
-        x = features[-1]
-        for i, up in enumerate(self.up_blocks):
-            x = up(x, features[-2 - i])
-        return self.head(x)
+        return self.head(self.decoder.pixel_embeddings(features[-1], features))
 
 
 def episode_batches(pool: DatasetPool, setting: Setting, count: int) -> list[dict[str, torch.Tensor]]:

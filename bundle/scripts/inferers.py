@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -89,7 +89,8 @@ class InContextInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
         """Return logits B x K x D x H x W for ``inputs`` (B x 1 x D x H x W)."""
-        logits = self._stitch(inputs, network, self.task_embeddings)
+        window_inputs, predictor = self._stitching(inputs, network)
+        logits = self.window(window_inputs, predictor, task_embeddings=self.task_embeddings)
         if self._references is None:
             return logits
         found = logits[0] > 0  # K x D x H x W, the objects of the first pass
@@ -97,18 +98,19 @@ class InContextInferer(Inferer):
             return logits  # a class was not found at all: keep the ensemble result for every class
         query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
         chosen = retrieve(*self._references, query_embeddings.transpose(0, 1), self._top_k)
-        return self._stitch(inputs, network, chosen)
+        return self.window(window_inputs, predictor, task_embeddings=chosen)
 
-    def _stitch(self, inputs: torch.Tensor, network: nn.Module, embeddings: torch.Tensor | None) -> torch.Tensor:
-        """Sliding windows over ``inputs``, stitched in ``stitch_dtype``; the network still sees ``inputs.dtype``."""
+    def _stitching(self, inputs: torch.Tensor, network: nn.Module) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+        """Inputs and predictor for MONAI's windows, which stitch in the inputs' dtype: with ``stitch_dtype``, the
+        volume in that dtype and a predictor that gives the network each window back in ``inputs.dtype``."""
         if self.stitch_dtype is None or self.stitch_dtype == inputs.dtype:
-            return self.window(inputs, network, task_embeddings=embeddings)
+            return inputs, network
         network_dtype, stitch_dtype = inputs.dtype, self.stitch_dtype
 
         def predict(window: torch.Tensor, **kwargs) -> torch.Tensor:
             return network(window.to(network_dtype), **kwargs).to(stitch_dtype)
 
-        return self.window(inputs.to(stitch_dtype), predict, task_embeddings=embeddings)
+        return inputs.to(stitch_dtype), predict
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""

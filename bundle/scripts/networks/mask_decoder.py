@@ -64,6 +64,12 @@ class MaskDecoder(nn.Module):
         self.hypernetwork = MLPBlock(embed_dim, embed_dim)
         self.to_pixel_width = nn.Linear(embed_dim, widths[0])
 
+    def pixel_embeddings(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """U-Net decoding of bottleneck-sized ``x`` through the skips of ``features`` up to the finest resolution."""
+        for i, up in enumerate(self.up_blocks):
+            x = up(x, features[-2 - i])
+        return x
+
     def forward(
         self, features: list[torch.Tensor], task_embeddings: torch.Tensor, class_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -87,10 +93,7 @@ class MaskDecoder(nn.Module):
         token_pe = self.token_role.to(image.dtype).expand_as(tokens)  # B x K x T x C
         tokens, image = self.transformer(tokens, image, token_pe, image_pe, class_valid)
 
-        x = image.transpose(1, 2).reshape(bottleneck.shape)  # B x L x C -> B x C x d x h x w
-        for i, up in enumerate(self.up_blocks):
-            x = up(x, features[-2 - i])  # finally B x c0 x D x H x W pixel embeddings
-
+        x = self.pixel_embeddings(image.transpose(1, 2).reshape(bottleneck.shape), features)  # B x c0 x D x H x W
         class_tokens = tokens[:, :, 0]  # B x K x C, the updated foreground token of each class
         weights = self.to_pixel_width(class_tokens + self.hypernetwork(class_tokens))  # B x K x c0
         return torch.einsum("bke,bedhw->bkdhw", weights, x)
