@@ -81,6 +81,16 @@ def test_corrupted_newest_checkpoint_falls_back_and_fresh_start_ignores(demo_dat
     assert "Resuming training from" not in fresh.stdout + fresh.stderr
 
 
+def test_checkpoint_of_another_network_is_named_before_training(demo_dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(training_command(demo_dataset, run_dir, "--total_iterations", "3"))
+    command = training_command(demo_dataset, run_dir, "--total_iterations", "6", "--base_channels", "8")
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=os.environ)
+    assert result.returncode != 0
+    assert "checkpoint_00000003.pt does not fit this training run" in result.stderr
+    assert not (run_dir / "models" / "checkpoint_00000006.pt").exists()  # nothing trained, nothing overwritten
+
+
 def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
     target = tmp_path / "checkpoint.pt"
     atomic_save({"weights": torch.ones(3)}, target)

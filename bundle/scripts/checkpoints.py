@@ -59,7 +59,8 @@ class CheckpointManager:
     """Save a full training checkpoint every ``save_every`` iterations and resume from the newest valid one.
 
     On ``STARTED`` the newest checkpoint in ``ckpt_dir`` that loads is restored (a truncated or corrupted file is
-    reported and skipped); a log line gives its path and iteration. ``resume=False`` starts afresh.
+    reported and skipped); a log line gives its path and iteration. A checkpoint that loads but does not fit the
+    network (another size, or an older layout) stops the run with an error naming it. ``resume=False`` starts afresh.
 
     Args:
         ckpt_dir: folder of ``checkpoint_<iteration>.pt`` files.
@@ -144,7 +145,13 @@ class CheckpointManager:
                     f"Checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one."
                 )
                 continue
-            self._load(engine, content)
+            try:
+                self._load(engine, content)
+            except (RuntimeError, KeyError) as error:  # e.g. another network size, or a layout of an older version
+                raise RuntimeError(
+                    f"Checkpoint {path} does not fit this training run ({type(error).__name__}: {error}). "
+                    "Point ckpt_dir elsewhere, or pass --resume False to start afresh."
+                ) from error
             logger.info(f"Resuming training from {path} at iteration {engine.state.iteration}.")
             return
 
