@@ -127,7 +127,7 @@ class OwnBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
-        return self.head(self.decoder.pixel_embeddings(features[-1], features))
+        return self.head(self.decoder.pixel_embeddings(features))
 
 
 def episode_batches(pool: DatasetPool, setting: Setting, count: int) -> list[dict[str, torch.Tensor]]:

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True, help="folder for dataset.json, imagesTr and labelsTr")
     parser.add_argument("--num_training", type=int, default=24)
     parser.add_argument("--num_validation", type=int, default=6)
+    parser.add_argument("--num_test", type=int, default=6, help="labelled subjects kept out of model selection")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("X", "Y", "Z"))
     parser.add_argument("--spacing", type=float, default=1.5, help="isotropic voxel size in mm")
     parser.add_argument("--seed", type=int, default=0)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         args.output_dir,
         num_training=args.num_training,
         num_validation=args.num_validation,
+        num_test=args.num_test,
         shape=tuple(args.shape),
         spacing=args.spacing,
         seed=args.seed,

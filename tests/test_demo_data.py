@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 from scripts import demo_data
-from scripts.demo_data import CLASS_NAMES, ensure_demo_data, make_demo_dataset
+from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS, STRUCTURES, ensure_demo_data, make_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"num_training": 4, "num_validation": 1, "shape": (32, 32, 32)}
+SMALL = {"num_training": 4, "num_validation": 1, "num_test": 1, "shape": (32, 32, 32)}
 
 
 def _arrays(dataset_json: Path) -> list[np.ndarray]:
     """Every image and label array of a data set, in dataset.json order."""
     dataset = json.loads(dataset_json.read_text())
-    items = dataset["training"] + dataset["validation"]
+    items = dataset["training"] + dataset["validation"] + dataset["test"]
     return [np.asarray(nib.load(dataset_json.parent / item[key]).dataobj) for item in items for key in item]
 
 
@@ -47,11 +47,11 @@ def test_dataset_json(small_set: Path) -> None:
     assert dataset["tensorImageSize"] == "3D"
     assert dataset["labels"] == {"0": "background", **{str(k + 1): name for k, name in enumerate(CLASS_NAMES)}}
     assert len(CLASS_NAMES) >= 12
-    assert len(set(dataset["held_out_labels"])) == 3
+    assert dataset["held_out_labels"] == list(HELD_OUT_LABELS) and len(HELD_OUT_LABELS) == 3
     assert set(dataset["held_out_labels"]) <= set(dataset["labels"].values()) - {"background"}
-    assert (dataset["numTraining"], dataset["numValidation"]) == (4, 1)
-    assert (len(dataset["training"]), len(dataset["validation"])) == (4, 1)
-    for item in dataset["training"] + dataset["validation"]:
+    assert (dataset["numTraining"], dataset["numValidation"], dataset["numTest"]) == (4, 1, 1)
+    assert (len(dataset["training"]), len(dataset["validation"]), len(dataset["test"])) == (4, 1, 1)
+    for item in dataset["training"] + dataset["validation"] + dataset["test"]:
         assert set(item) == {"image", "label"}
         for path in item.values():
             assert not Path(path).is_absolute() and (small_set.parent / path).is_file()
@@ -60,7 +60,7 @@ def test_dataset_json(small_set: Path) -> None:
 def test_geometry_and_values(small_set: Path) -> None:
     dataset = json.loads(small_set.read_text())
     label_values = {int(k) for k in dataset["labels"]}
-    for item in dataset["training"] + dataset["validation"]:
+    for item in dataset["training"] + dataset["validation"] + dataset["test"]:
         image, label = nib.load(small_set.parent / item["image"]), nib.load(small_set.parent / item["label"])
         assert image.shape == label.shape == (32, 32, 32)
         np.testing.assert_array_equal(image.affine, label.affine)
@@ -82,7 +82,21 @@ def test_every_class_in_training(small_set: Path) -> None:
 def test_subjects_hold_a_subset_of_classes(small_set: Path) -> None:
     labels = _arrays(small_set)[1::2]
     counts = [len(np.unique(label)) - 1 for label in labels]
-    assert all(0.5 * len(CLASS_NAMES) <= count < len(CLASS_NAMES) for count in counts)
+    assert all(count >= 0.5 * len(CLASS_NAMES) for count in counts)
+    assert min(counts) < len(CLASS_NAMES)  # some references show a class that some queries lack
+
+
+def test_families_are_shared_and_held_out_classes_are_new_combinations() -> None:
+    families = {}
+    for structure in STRUCTURES:
+        families.setdefault(structure.family, []).append(structure)
+    assert all(len(members) >= 3 for members in families.values())  # no intensity singles out a class
+    training = {(s.family, s.texture) for s in STRUCTURES if s.name not in HELD_OUT_LABELS}
+    for structure in STRUCTURES:
+        if structure.name in HELD_OUT_LABELS:
+            assert (structure.family, structure.texture) not in training
+            assert any(texture is structure.texture for _, texture in training)  # its texture is known...
+            assert any(family == structure.family for family, _ in training)  # ...and so is its family
 
 
 def test_ensure_demo_data(
@@ -92,7 +106,7 @@ def test_ensure_demo_data(
     assert ensure_demo_data(small_set.parent) == str(small_set)
     assert small_set.stat().st_mtime_ns == stamp
 
-    tiny = functools.partial(make_demo_dataset, num_training=1, num_validation=0, shape=(32, 32, 32))
+    tiny = functools.partial(make_demo_dataset, num_training=1, num_validation=0, num_test=0, shape=(32, 32, 32))
     monkeypatch.setattr(demo_data, "make_demo_dataset", tiny)
     with caplog.at_level(logging.INFO, logger=demo_data.__name__):
         path = ensure_demo_data(tmp_path / "new")
@@ -101,9 +115,9 @@ def test_ensure_demo_data(
 
 def test_cli(tmp_path: Path) -> None:
     command = [sys.executable, "scripts/make_demo_data.py", "--output_dir", str(tmp_path), "--shape", "32", "32", "32"]
-    command += ["--num_training", "2", "--num_validation", "1", "--seed", "3"]
+    command += ["--num_training", "2", "--num_validation", "1", "--num_test", "1", "--seed", "3"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     dataset = json.loads((tmp_path / "dataset.json").read_text())
-    assert (len(dataset["training"]), len(dataset["validation"])) == (2, 1)
+    assert (len(dataset["training"]), len(dataset["validation"]), len(dataset["test"])) == (2, 1, 1)
     assert (tmp_path / dataset["validation"][0]["image"]).is_file()

@@ -16,7 +16,7 @@ from scripts.engines import EpisodicEvaluator, EpisodicTrainer
 from scripts.episodes import EpisodeDataset, OneShotValidationDataset
 from scripts.handlers import MemoryBankUpdateHandler, NonFiniteLossGuard
 from scripts.losses import DiceBCELoss
-from scripts.metrics import ClassGroupDice
+from scripts.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
 from scripts.networks import build_iris_net
 from scripts.optimizers import Lamb
 from scripts.pool import DatasetPool
@@ -64,7 +64,7 @@ def test_training_updates_weights_and_memory_bank(pools) -> None:
     assert all(n <= 0.05 + 1e-4 for n in norms)  # clipped before the step
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     output = trainer.state.output  # decollated, one dict per episode, as MONAI's trainers leave it
-    assert len(output) == 2 and output[0]["task_embeddings"].shape == (3, 4, 32)
+    assert len(output) == 2 and output[0]["task_embeddings"].shape == (3, *net.token_shape)
     assert len(net.memory_bank) >= 1
     assert not set(net.memory_bank.class_names) & set(pools[0].held_out_class_names)
 
@@ -98,7 +98,7 @@ def test_non_finite_loss_stops_before_the_step(pools) -> None:
     net = _net()
     before = [p.detach().clone() for p in net.parameters()]
 
-    def nan_loss(logits, target, valid):
+    def nan_loss(logits, target, valid, unlabelled):
         return logits.mean() * float("nan")
 
     trainer = _trainer(pools[0], net, iterations=1, loss_function=nan_loss)
@@ -108,14 +108,19 @@ def test_non_finite_loss_stops_before_the_step(pools) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def test_evaluator_encodes_each_reference_once_and_reports_groups(pools) -> None:
+def test_evaluator_encodes_each_reference_once_and_measures_reference_following(pools) -> None:
     train_pool, val_pool = pools
     net = _net()
     calls = []
     net.task_encoder.register_forward_hook(lambda *args: calls.append(1))
+    names, held_out = val_pool.class_names, val_pool.held_out_class_names
     metrics = {
-        "val_seen_dice": ClassGroupDice(val_pool.class_names, val_pool.held_out_class_names, "seen"),
-        "val_held_out_dice": ClassGroupDice(val_pool.class_names, val_pool.held_out_class_names, "held_out"),
+        "val_seen_dice": ClassGroupDice(names, held_out, "seen"),
+        "val_held_out_dice": ClassGroupDice(names, held_out, "held_out"),
+        "val_wrong_reference_dice": WrongReferenceDice(),
+        "val_absent_class_fp": AbsentClassFalsePositives(names, train_pool.mean_class_voxels()),
+        "k_independence": KIndependence(),
+        "position_rule_seen_dice": ClassGroupDice(names, held_out, "seen", scores="position_rule"),
     }
     dataset = OneShotValidationDataset(val_pool, train_pool, PATCH)
     evaluator = EpisodicEvaluator(
@@ -124,13 +129,20 @@ def test_evaluator_encodes_each_reference_once_and_reports_groups(pools) -> None
         network=net,
         inferer=SlidingWindowInferer(roi_size=PATCH, sw_batch_size=2, overlap=0.5),
         key_val_metric={"val_seen_dice": metrics["val_seen_dice"]},
-        additional_metrics={"val_held_out_dice": metrics["val_held_out_dice"]},
+        additional_metrics={name: metric for name, metric in metrics.items() if name != "val_seen_dice"},
+        patch_size=PATCH,
+        k_independence_cases=1,
     )
     evaluator.run()
     assert len(calls) == len(dataset)  # one support encoding per case, not per sliding window
-    for name in metrics:
-        assert 0.0 <= evaluator.state.metrics[name] <= 1.0
-    assert set(metrics["val_held_out_dice"].per_class()) <= set(val_pool.held_out_class_names)
+    scores = evaluator.state.metrics
+    for name in ("val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "position_rule_seen_dice"):
+        assert 0.0 <= scores[name] <= 1.0, name
+    assert scores["val_absent_class_fp"] >= 0.0
+    assert 0.0 <= scores["k_independence"] < 1e-6  # measured (not NaN), and classes are decoded independently
+    assert set(metrics["val_held_out_dice"].per_class()) <= set(held_out)
+    with pytest.raises(ValueError, match="one case per batch"):
+        EpisodicEvaluator(device="cpu", val_data_loader=DataLoader(dataset, batch_size=2), network=net)
 
 
 def test_bf16_loss_follows_fp32_on_a_fixed_episode(pools) -> None:

@@ -1,4 +1,5 @@
-"""IrisNet: shapes, adjoint foreground pooling, gradients, padded-class isolation, memory-bank forward, overfitting."""
+"""IrisNet: shapes, adjoint foreground pooling, gradients, class isolation and permutation, memory-bank forward,
+overfitting."""
 
 from __future__ import annotations
 
@@ -37,8 +38,24 @@ def test_shapes_for_classes_and_shots(classes: int, shots: int) -> None:
     with torch.no_grad():
         embeddings = net.encode_support(support, masks)
         logits = net(query, embeddings)
-    assert embeddings.shape == (2, classes, 3 + 1, 4 * 10)
+    assert net.token_shape == (1 + 3 + 4, 4 * 10)  # T_f, 3 context tokens, a prototype for each of 4 finer stages
+    assert embeddings.shape == (2, classes, *net.token_shape)
     assert logits.shape == (2, classes, *PATCH)
+
+
+def test_stage_prototypes_are_the_mask_weighted_means_of_the_stage_features() -> None:
+    net = tiny_net().eval()
+    support, masks, _ = random_episode(1, 1, 2)
+    with torch.no_grad():
+        embeddings = net.encode_support(support, masks)[0]  # K x T x C
+        features = net.encoder(support[:, 0])
+        stages = net.stages(support[:, 0], features)
+    torch.testing.assert_close(stages[0][:, :1], support[:, 0])  # the image intensities join the finest features
+    for stage, feature in enumerate(stages):
+        prototype = embeddings[:, 4 + stage]  # after T_f and the 3 context tokens
+        width = feature.shape[1]
+        torch.testing.assert_close(prototype[:, :width], foreground_pooling(feature, masks[:, 0])[0])
+        assert torch.count_nonzero(prototype[:, width:]) == 0
 
 
 def test_kshot_embeddings_are_the_mean_of_single_shots() -> None:
@@ -79,16 +96,28 @@ def test_gradients_reach_every_parameter() -> None:
     assert missing == []
 
 
-def test_padded_classes_do_not_change_real_classes() -> None:
+def test_a_class_decodes_the_same_alone_or_with_other_classes() -> None:
     net = tiny_net().eval()
-    support, masks, query = random_episode(1, 1, 3)
-    valid = torch.tensor([[True, True, False]])
+    support, masks, query = random_episode(2, 1, 4)
     with torch.no_grad():
         embeddings = net.encode_support(support, masks)
-        before = net(query, embeddings, valid)
-        embeddings[:, 2] = torch.randn_like(embeddings[:, 2]) * 10
-        after = net(query, embeddings, valid)
-    torch.testing.assert_close(before[:, :2], after[:, :2], atol=1e-5, rtol=1e-5)
+        together = net(query, embeddings)
+        alone = torch.cat([net(query, embeddings[:, [k]]) for k in range(4)], dim=1)
+        embeddings[:, 3] = torch.randn_like(embeddings[:, 3]) * 10  # another class, even a wild one, changes nothing
+        changed = net(query, embeddings)
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(changed[:, :3], together[:, :3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[:, 3], together[:, 3])
+
+
+def test_permuting_the_support_classes_permutes_the_logits() -> None:
+    net = tiny_net().eval()
+    support, masks, query = random_episode(1, 2, 4, seed=5)
+    order = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        logits = net(query, net.encode_support(support, masks))
+        permuted = net(query, net.encode_support(support, masks[:, :, order]))
+    torch.testing.assert_close(permuted, logits[:, order], atol=1e-5, rtol=1e-5)
 
 
 def test_plain_forward_uses_the_memory_bank() -> None:

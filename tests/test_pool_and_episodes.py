@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.episodes import EpisodeDataset, OneShotValidationDataset
 from scripts.pool import DatasetPool, DatasetPoolError
 
@@ -30,8 +31,8 @@ def _copy_dataset(demo_dataset: Path, target: Path) -> Path:
 
 def test_pool_reads_classes_and_held_out_names(pool: DatasetPool) -> None:
     assert len(pool.subjects) == 6
-    assert pool.class_names[0] == "IrisDemo/sphere"
-    assert set(pool.held_out_class_names) == {"IrisDemo/torus", "IrisDemo/multi_blob", "IrisDemo/branching_tube"}
+    assert pool.class_names[0] == f"IrisDemo/{CLASS_NAMES[0]}"
+    assert set(pool.held_out_class_names) == {f"IrisDemo/{name}" for name in HELD_OUT_LABELS}
     subject = pool.subjects[0]
     assert subject.image.shape == subject.label.shape == (1, 48, 48, 48)
     # CT window then z-score: the whole volume is normalised
@@ -44,8 +45,8 @@ def test_episodes_are_reproducible_and_well_formed(pool: DatasetPool) -> None:
     for key in first:
         assert torch.equal(first[key], again[key]), key
     assert not torch.equal(dataset[4]["query_image"], first["query_image"])
-    assert first["support_image"].shape == (2, 1, *PATCH)
-    assert first["support_mask"].shape == (2, 3, *PATCH)
+    assert first["support_image"].shape == (3, 2, 1, *PATCH)  # every class its own patch in each of the 2 shots
+    assert first["support_mask"].shape == (3, 2, 1, *PATCH)
     assert first["query_image"].shape == (1, *PATCH)
     assert first["query_mask"].shape == (3, *PATCH)
 
@@ -60,8 +61,33 @@ def test_episodes_never_show_held_out_classes_and_supports_are_not_empty(pool: D
         names = [pool.class_names[i] for i in item["class_ids"][valid].tolist()]
         assert not held_out & set(names)
         assert (item["class_ids"][~valid] == -1).all()
-        assert (item["support_mask"][:, ~valid] == 0).all()
-        assert (item["support_mask"][:, 0].flatten(1).sum(-1) > 0).all()  # the anchor class is shown
+        assert (item["support_mask"][~valid] == 0).all() and (item["support_image"][~valid] == 0).all()
+        shown = item["support_mask"][valid].flatten(2).sum(-1)  # classes x shots
+        assert (shown[0] > 0).all() and (shown > 0).float().mean() > 0.9  # each patch shows its class
+
+
+def test_episodes_cannot_be_solved_without_the_reference(pool: DatasetPool) -> None:
+    """Requested classes absent from the query and several classes per episode."""
+    dataset = EpisodeDataset(pool, length=60, patch_size=PATCH, max_classes=4, seed=2)
+    empty, requested = 0, []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        valid = item["class_valid"]
+        requested.append(int(valid.sum()))
+        empty += int((item["query_mask"][valid].flatten(1).sum(-1) == 0).sum())
+    assert empty / sum(requested) > 0.15  # absent classes are asked for
+    assert np.mean(requested) > 1.8 and max(requested) == 4
+    only_anchor = EpisodeDataset(pool, length=20, patch_size=PATCH, seed=2, query_crop={"anchor": 1.0})
+    assert all(only_anchor[i]["query_mask"][0].sum() > 0 for i in range(20))  # the anchor is in the query patch
+
+
+def test_query_crops_reach_structures_that_are_not_requested(pool: DatasetPool) -> None:
+    dataset = EpisodeDataset(pool, length=40, patch_size=PATCH, seed=3, query_crop={"other_class": 1.0})
+    queries = [dataset[i] for i in range(len(dataset))]
+    anchor_absent = sum(int(item["query_mask"][0].sum() == 0) for item in queries)
+    assert anchor_absent > 5  # centred on another structure, the query often lacks the anchor
+    with pytest.raises(ValueError, match="query_crop"):
+        EpisodeDataset(pool, length=4, patch_size=PATCH, query_crop={"middle": 1.0})
 
 
 def test_validation_cases_bring_one_reference_per_class(demo_dataset: Path, pool: DatasetPool) -> None:
@@ -69,11 +95,18 @@ def test_validation_cases_bring_one_reference_per_class(demo_dataset: Path, pool
     dataset = OneShotValidationDataset(validation, pool, PATCH, seed=0)
     case = dataset[0]
     k = len(case["class_ids"])
+    assert k == len({pool.class_names[i] for i in case["class_ids"].tolist()})  # every class with a reference
     assert case["query_image"].shape == (1, 48, 48, 48)
     assert case["query_mask"].shape == (k, 48, 48, 48)
-    assert case["support_image"].shape == (k, 1, *PATCH)
+    assert case["support_image"].shape == (k, 1, 1, *PATCH)
     assert (case["support_mask"].flatten(1).sum(-1) > 0).all()
     assert any(pool.class_names[i] in pool.held_out_class_names for i in case["class_ids"].tolist())
+    present = case["class_present"]
+    assert torch.equal(present, case["query_mask"].flatten(1).sum(-1) >= pool.min_class_voxels)
+    assert case["control_dice"].shape == (k, 2)
+    assert torch.isnan(case["control_dice"][~present]).all() and not torch.isnan(case["control_dice"][present]).any()
+    cases = [dataset[i] for i in range(len(dataset))]
+    assert any((~c["class_present"]).any() for c in cases)  # some references show a class the query lacks
 
 
 def test_every_bad_entry_is_reported_at_once(demo_dataset: Path, tmp_path: Path) -> None:

@@ -249,7 +249,7 @@ def test_2d_images_give_single_slice_episodes_and_batches_never_mix_datasets(pre
     assert set(shapes) == {(1, 16, 16, 16), (1, 16, 16, 1)}
     assert all(shapes[i] == shapes[i + 1] for i in range(0, 16, 2))  # one dataset per batch
     item = next(episodes[i] for i in range(16) if shapes[i][-1] == 1)
-    assert item["support_image"].shape == (1, 1, 16, 16, 1) and item["support_mask"][0, 0].sum() > 0
+    assert item["support_image"].shape == (2, 1, 1, 16, 16, 1) and item["support_mask"][0, 0].sum() > 0
 
 
 def test_pooled_training_runs_on_every_prepared_layout(prepared: dict[str, Path], tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .metrics import k_dice_change
+
 REQUIRED_KEYS = ("support_image", "support_mask", "query_image", "query_mask", "class_ids")
 
 
@@ -37,14 +39,15 @@ class EpisodicTrainer(SupervisedTrainer):
 
     ``amp`` uses fp16 autocast with a GradScaler on CUDA and bf16 autocast on CPU. ``engine.state.output`` holds,
     besides MONAI's ``image``/``label``/``pred``/``loss``, the episode's ``task_embeddings``
-    (B x K x (m+1) x C, detached), ``class_ids`` and ``class_valid`` for handlers such as the memory-bank update.
+    (B x K x T x C, detached), ``class_ids`` and ``class_valid`` for handlers such as the memory-bank update.
     As in MONAI's trainers, it is decollated after the iteration (one dict per episode, the loss in each), so
     MONAI's ``from_engine(["loss"], first=True)`` and the bundle's ``--tracking mlflow`` read it.
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function, epoch_length, inferer,
         train_handlers, amp, accumulation_steps: as in ``monai.engines.SupervisedTrainer``; ``loss_function`` is
-            called as ``loss(logits, target, class_valid)``.
+            called as ``loss(logits, target, class_valid, unlabelled)`` (``unlabelled``: the episode's
+            ``query_unlabelled`` voxels, or None).
         gradient_clip_norm: maximum global gradient norm, applied to unscaled gradients; None or <= 0 disables it.
     """
 
@@ -105,11 +108,11 @@ class EpisodicTrainer(SupervisedTrainer):
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
         with torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.amp):
-            embeddings = unwrap(engine.network).encode_support(episode["support_image"], episode["support_mask"])
-            logits = engine.inferer(query, engine.network, task_embeddings=embeddings, class_valid=valid)
+            embeddings = engine._encode(episode["support_image"], episode["support_mask"], valid)
+            logits = engine.inferer(query, engine.network, task_embeddings=embeddings)
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = engine.loss_function(logits, target, valid)
+            loss = engine.loss_function(logits, target, valid, episode.get("query_unlabelled"))
             engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.state.output["task_embeddings"] = embeddings.detach().float()
@@ -121,6 +124,14 @@ class EpisodicTrainer(SupervisedTrainer):
             self._step(engine)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _encode(self, images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """B x K x T x C embeddings of the episodes' classes from their own references (B x K x S x ... each); padded
+        classes are not encoded and stay zero."""
+        encoded = unwrap(self.network).encode_classes(images[valid][None], masks[valid][None])[0]  # V x T x C
+        embeddings = encoded.new_zeros(*valid.shape, *encoded.shape[1:])
+        embeddings[valid] = encoded
+        return embeddings
 
     @staticmethod
     def _step(engine: EpisodicTrainer) -> None:
@@ -139,10 +150,16 @@ class EpisodicEvaluator(SupervisedEvaluator):
     """Evaluate in-context segmentation: each case brings its own references, encoded once per case.
 
     The task embeddings go through the inferer unchanged (MONAI's sliding-window inferer forwards extra arguments
-    to every window), so a whole volume is segmented with one support encoding.
+    to every window), so a whole volume is segmented with one support encoding. For the first
+    ``k_independence_cases`` cases, one window around the query's structures is also decoded with each class alone,
+    and ``k_dice_change`` (1 x K) holds each class's Dice change against decoding all classes together (NaN for
+    classes the window lacks, and for the other cases).
 
     Args:
-        as in ``monai.engines.SupervisedEvaluator``.
+        device, val_data_loader, network, inferer, key_val_metric, additional_metrics, val_handlers, amp: as in
+            ``monai.engines.SupervisedEvaluator``; the loader must give one case per batch.
+        patch_size: the window of the k-independence check, the training patch size.
+        k_independence_cases: cases that get the k-independence check (each costs K + 1 window passes).
     """
 
     def __init__(
@@ -155,7 +172,16 @@ class EpisodicEvaluator(SupervisedEvaluator):
         additional_metrics: dict | None = None,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        patch_size: Sequence[int] | None = None,
+        k_independence_cases: int = 0,
     ) -> None:
+        if getattr(val_data_loader, "batch_size", 1) != 1:
+            raise ValueError(
+                f"EpisodicEvaluator segments one case per batch (each with its own references); got a validation "
+                f"DataLoader with batch_size={val_data_loader.batch_size}."
+            )
+        if k_independence_cases and not patch_size:
+            raise ValueError("k_independence_cases needs the patch_size of its window.")
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -169,24 +195,30 @@ class EpisodicEvaluator(SupervisedEvaluator):
         )
         self.amp = amp
         self.amp_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        self.patch_size = None if patch_size is None else tuple(patch_size)
+        self.k_independence_cases = k_independence_cases
 
     def _iteration(self, engine: EpisodicEvaluator, batchdata: dict) -> dict:
         case = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        support_image, support_mask = case["support_image"], case["support_mask"]  # 1 x K x 1 x P each
-        b, k = support_image.shape[:2]
         engine.network.eval()
         with torch.no_grad(), torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.amp):
-            # every class has its own reference: encode classes as a batch of 1-class supports
-            per_class = unwrap(engine.network).encode_support(
-                support_image.transpose(0, 1), support_mask.transpose(0, 1)  # K x 1 x 1 x P, one shot, one class
-            )  # K x 1 x T x C
-            embeddings = per_class.reshape(b, k, *per_class.shape[2:])  # 1 x K x T x C
+            # every class has its own reference (1 x K x 1 x 1 x P): 1 x K x T x C
+            embeddings = unwrap(engine.network).encode_classes(case["support_image"], case["support_mask"])
+            k = embeddings.shape[1]
             logits = engine.inferer(case["query_image"], engine.network, task_embeddings=embeddings)
+            change = torch.full((1, k), float("nan"), device=logits.device)
+            if engine.state.iteration <= engine.k_independence_cases:
+                change = k_dice_change(
+                    engine.network, case["query_image"], case["query_mask"], embeddings, engine.patch_size
+                )
         engine.state.output = {
             Keys.IMAGE: case["query_image"],
             Keys.LABEL: case["query_mask"],
             Keys.PRED: logits.float(),
             "class_ids": case["class_ids"],
+            "class_present": case.get("class_present", torch.ones_like(case["class_ids"], dtype=torch.bool)),
+            "control_dice": case.get("control_dice"),
+            "k_dice_change": change,
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -9,28 +9,43 @@ workers or ranks, and a resumed run continues the exact sequence by skipping the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import SpatialCrop, SpatialPad
+import torch.nn.functional as F
+from monai.data import get_track_meta, set_track_meta
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from .controls import control_dice
 from .pool import DatasetPool, DatasetPoolError, Subject
 from .transforms import episode_augmentation, is_single_slice
 
 
 def patch_size_for(volume: torch.Tensor, patch_size: Sequence[int]) -> tuple[int, ...]:
     """``patch_size`` for a C x D x H x W volume: depth 1 on the last axis for a single-slice (2D) image."""
-    return (*patch_size[:-1], 1) if is_single_slice(volume) else tuple(patch_size)
+    return _patch_size(is_single_slice(volume), patch_size)
+
+
+def _patch_size(single_slice: bool, patch_size: Sequence[int]) -> tuple[int, ...]:
+    return (*patch_size[:-1], 1) if single_slice else tuple(patch_size)
 
 
 def crop_patch(volume: torch.Tensor, center: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
-    """Crop a C x D x H x W volume to ``patch_size`` (see :func:`patch_size_for`) around ``center``, zero-padded."""
-    size = list(patch_size_for(volume, patch_size))
-    crop = SpatialCrop(roi_center=[int(c) for c in center], roi_size=size)
-    return convert_to_tensor(SpatialPad(spatial_size=size)(crop(volume)), track_meta=False)
+    """Crop a C x D x H x W volume to ``patch_size`` (see :func:`patch_size_for`) around ``center``; the parts
+    outside the volume are zeros, so ``center`` is always the patch's centre voxel (``size // 2``)."""
+    size = patch_size_for(volume, patch_size)
+    starts = [int(c) - n // 2 for c, n in zip(center, size)]
+    inside = [
+        slice(min(max(start, 0), dim), min(max(start + n, 0), dim))
+        for start, n, dim in zip(starts, size, volume.shape[1:])
+    ]
+    piece = convert_to_tensor(volume, track_meta=False)[(slice(None), *inside)]
+    before = [min(max(-start, 0), n) for start, n in zip(starts, size)]
+    after = [n - b - (s.stop - s.start) for n, b, s in zip(size, before, inside)]
+    padding = [width for pair in reversed(list(zip(before, after))) for width in pair]  # last axis first for F.pad
+    return F.pad(piece, padding)
 
 
 def bounding_box_centre(coords: np.ndarray | torch.Tensor) -> list[int]:
@@ -52,19 +67,28 @@ def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> 
     return masks
 
 
+QUERY_CROPS = ("anchor", "other_class", "random")
+
+
 class EpisodeDataset(Dataset):
     """Random training episodes, ``length`` of them, drawn from a pool.
 
     One episode: pick a dataset (by ``dataset_weights``, one draw per batch so that a batch never mixes datasets, nor
-    2D and 3D patches), a trainable class, a query subject that has it and
-    ``k_shot`` *different* support subjects that have it; crop patches around its foreground; keep up to
-    ``max_classes`` classes present in every support patch (randomly dropping extra classes); augment support and
-    query independently; perturb the query with Gaussian noise. Held-out classes never appear.
+    2D and 3D patches), an *anchor* class, a query subject that has it and ``k_shot`` *different* support subjects that
+    have it. The query patch is cropped around the anchor, around another structure of the query, or anywhere
+    (``query_crop``). The episode asks for the anchor and up to ``max_classes - 1`` other classes of the support
+    subjects, first those the query patch holds (distractors to tell apart), then absent ones (empty targets); each
+    extra class is dropped with ``random_class_drop_prob``. So "segment the object in the middle" or "segment every
+    object" cannot lower the loss; reading the reference can. Every requested class gets its own support patch,
+    centred on it, in each support subject, as references are cropped at inference. Support and query patches are
+    augmented independently and the query is perturbed with Gaussian noise. Held-out classes are never requested, and
+    their voxels in the query are ``query_unlabelled``: neither foreground nor background of any class.
 
     Items (``K = max_classes``, ``S = k_shot``, ``P = patch size``):
-        ``support_image`` S x 1 x P, ``support_mask`` S x K x P (uint8), ``query_image`` 1 x P,
-        ``query_mask`` K x P (uint8), ``class_valid`` K (bool), ``class_ids`` K (long, index into
-        ``pool.class_names``, -1 for padding), ``subject_ids`` S + 1 (indices into ``pool.subjects``, query first).
+        ``support_image`` K x S x 1 x P, ``support_mask`` K x S x 1 x P (uint8, class k in its own patches),
+        ``query_image`` 1 x P, ``query_mask`` K x P (uint8), ``query_unlabelled`` 1 x P (bool), ``class_valid`` K
+        (bool), ``class_ids`` K (long, index into ``pool.class_names``, -1 for padding, whose patches are zero),
+        ``subject_ids`` S + 1 (indices into ``pool.subjects``, query first).
 
     Args:
         pool: training subjects.
@@ -81,6 +105,9 @@ class EpisodeDataset(Dataset):
             (another crop, augmented independently). For fine-tuning on the few volumes an annotator has labelled.
         batch_size: consecutive episodes drawn from the same dataset: the batch size times the number of ranks (a
             ``DistributedSampler`` without shuffling gives each rank a stride of that run).
+        query_crop: relative weights of the query crops: ``anchor`` (around the anchor class, jittered by up to a
+            quarter patch), ``other_class`` (around another structure of the query subject) and ``random`` (anywhere
+            in the volume, as a sliding window sees it). None weighs them equally.
     """
 
     def __init__(
@@ -97,6 +124,7 @@ class EpisodeDataset(Dataset):
         augmentation_kwargs: dict | None = None,
         self_support: bool = False,
         batch_size: int = 1,
+        query_crop: Mapping[str, float] | None = None,
     ) -> None:
         if k_shot < 1 or max_classes < 1 or length < 1 or batch_size < 1:
             raise ValueError(
@@ -114,10 +142,22 @@ class EpisodeDataset(Dataset):
         self.self_support = self_support
         self.start = 0  # episodes already consumed by a resumed run
         self.batch_size = batch_size
+        self.query_crop = self._crop_weights(query_crop)
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
         self.augment_2d = episode_augmentation(self.patch_size[:2], **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
+
+    @staticmethod
+    def _crop_weights(weights: Mapping[str, float] | None) -> np.ndarray:
+        weights = dict.fromkeys(QUERY_CROPS, 1.0) if weights is None else dict(weights)
+        unknown = sorted(set(weights) - set(QUERY_CROPS))
+        values = np.array([float(weights.get(name, 0.0)) for name in QUERY_CROPS])
+        if unknown or (values < 0).any() or values.sum() <= 0:
+            raise ValueError(
+                f"query_crop must give non-negative weights to {list(QUERY_CROPS)} (not all zero), got {weights}."
+            )
+        return values / values.sum()
 
     def _class_holders(self) -> list[dict[int, list[int]]]:
         """Per dataset: trainable class value -> subjects holding it (k_shot + 1 or more; 1 with self_support)."""
@@ -151,21 +191,39 @@ class EpisodeDataset(Dataset):
     def __len__(self) -> int:
         return self.length - self.start
 
-    def _patch(self, rng: np.random.Generator, subject: Subject, value: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop around a random foreground voxel of ``value``, jittered by up to a quarter patch."""
+    def _centre(self, rng: np.random.Generator, subject: Subject, value: int) -> np.ndarray:
+        """A random foreground voxel of ``value``, jittered by up to a quarter patch."""
         coords = subject.foreground[value]
-        image, label = subject.volumes()
-        size = patch_size_for(image, self.patch_size)
+        size = _patch_size(subject.is_single_slice, self.patch_size)
         jitter = rng.integers(-1, 2, size=3) * rng.integers(0, [max(1, p // 4) for p in size])
-        centre = coords[rng.integers(len(coords))] + jitter
-        return crop_patch(image, centre, size), crop_patch(label, centre, size)
+        return coords[rng.integers(len(coords))] + jitter
 
-    def _augmented(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if is_single_slice(image):  # 2D: augment in-plane (C x H x W), then restore the slice axis
-            out = self.augment_2d({"image": image[..., 0], "label": label[..., 0]})
-            out = {key: torch.as_tensor(out[key])[..., None] for key in ("image", "label")}
-        else:
-            out = self.augment({"image": image, "label": label})
+    def _query_centre(self, rng: np.random.Generator, subject: Subject, anchor: int) -> np.ndarray:
+        """Where the query patch goes: see ``query_crop``."""
+        crop = QUERY_CROPS[rng.choice(len(QUERY_CROPS), p=self.query_crop)]
+        others = sorted(subject.classes - {anchor})
+        if crop == "other_class" and others:
+            return self._centre(rng, subject, others[rng.integers(len(others))])
+        if crop == "random":
+            shape = np.array(subject.shape)
+            half = np.array(_patch_size(subject.is_single_slice, self.patch_size)) // 2
+            low, high = np.minimum(half, shape // 2), np.maximum(shape - half, shape // 2 + 1)
+            return rng.integers(low, high)
+        return self._centre(rng, subject, anchor)
+
+    def _crop(self, subject: Subject, centre: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and label patches around ``centre``, augmented."""
+        image, label = crop_around(subject, centre, self.patch_size)
+        tracking = get_track_meta()
+        set_track_meta(False)  # plain tensors: the patches need no metadata, and MetaTensors triple the cost
+        try:
+            if is_single_slice(image):  # 2D: augment in-plane (C x H x W), then restore the slice axis
+                out = self.augment_2d({"image": image[..., 0], "label": label[..., 0]})
+                out = {key: torch.as_tensor(out[key])[..., None] for key in ("image", "label")}
+            else:
+                out = self.augment({"image": image, "label": label})
+        finally:
+            set_track_meta(tracking)
         return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(torch.int16)
 
     def _present(self, label: torch.Tensor) -> set[int]:
@@ -173,10 +231,16 @@ class EpisodeDataset(Dataset):
         values, counts = torch.unique(label, return_counts=True)
         return {int(v) for v, n in zip(values.tolist(), counts.tolist()) if n >= self.pool.min_class_voxels}
 
-    def _choose_classes(self, rng: np.random.Generator, anchor: int, candidates: set[int]) -> list[int]:
-        others = sorted(candidates - {anchor})
-        rng.shuffle(others)
-        others = [value for value in others[: self.max_classes - 1] if rng.random() >= self.drop_prob]
+    def _choose_classes(
+        self, rng: np.random.Generator, anchor: int, candidates: Sequence[int], in_query: set[int]
+    ) -> list[int]:
+        """The anchor, then up to ``max_classes - 1`` others: first classes the query patch holds (distractors that
+        must be told apart), then absent ones (empty targets); each extra class dropped with ``drop_prob``."""
+        present = [value for value in candidates if value in in_query]
+        absent = [value for value in candidates if value not in in_query]
+        rng.shuffle(present)
+        rng.shuffle(absent)
+        others = [value for value in (present + absent)[: self.max_classes - 1] if rng.random() >= self.drop_prob]
         return [anchor, *others]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -192,27 +256,35 @@ class EpisodeDataset(Dataset):
         chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=few)
         query, supports = self.pool.subjects[chosen[0]], [self.pool.subjects[i] for i in chosen[1:]]
 
-        support_patches = [self._augmented(*self._patch(rng, subject, anchor)) for subject in supports]
-        query_image, query_label = self._augmented(*self._patch(rng, query, anchor))
-
-        present = set.intersection(*(self._present(label) for _, label in support_patches))
-        trainable = {v for v in present & query.classes if v != 0 and not self.pool.is_held_out(dataset, v)}
-        values = self._choose_classes(rng, anchor, trainable)
+        query_image, query_label = self._crop(query, self._query_centre(rng, query, anchor))
+        shared = set.intersection(*(subject.classes for subject in supports)) - {anchor}
+        candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
+        values = self._choose_classes(rng, anchor, candidates, self._present(query_label))
+        # every class gets a patch centred on it in every support subject, as inference crops references
+        references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
 
         names = self.pool.class_names
         info = self.pool.datasets[dataset]
         class_ids = torch.full((self.max_classes,), -1, dtype=torch.long)
         class_ids[: len(values)] = torch.tensor([names.index(info.class_name(v)) for v in values])
+        held_out = [v for v in info.labels if self.pool.is_held_out(dataset, v)]
+        query_unlabelled = torch.isin(query_label, torch.tensor(held_out, dtype=query_label.dtype))
         query_image = query_image + self.query_noise_std * torch.from_numpy(
             rng.standard_normal(query_image.shape, dtype=np.float32)
         )
+        padding = [(torch.zeros_like(image), torch.zeros_like(label)) for image, label in references[0]]
+        references += [padding] * (self.max_classes - len(values))
         return {
-            "support_image": torch.stack([image for image, _ in support_patches]),
+            "support_image": torch.stack([torch.stack([image for image, _ in shots]) for shots in references]),
             "support_mask": torch.stack(
-                [binary_masks(label, values, self.max_classes) for _, label in support_patches]
+                [
+                    torch.stack([binary_masks(label, [value], 1) for _, label in shots])
+                    for value, shots in zip([*values, *[-1] * (self.max_classes - len(values))], references)
+                ]
             ),
             "query_image": query_image,
             "query_mask": binary_masks(query_label, values, self.max_classes),
+            "query_unlabelled": query_unlabelled,
             "class_valid": class_ids >= 0,
             "class_ids": class_ids,
             "subject_ids": torch.as_tensor(chosen, dtype=torch.long),  # query first, then the supports
@@ -222,54 +294,85 @@ class EpisodeDataset(Dataset):
 class OneShotValidationDataset(Dataset):
     """1-shot validation cases: one whole validation volume and, per class, a reference patch from a training subject.
 
-    References are fixed by ``seed``, so every validation run sees the same cases.
+    Every class of the dataset that has a training subject is requested, including classes the volume does not hold
+    (``class_present`` False), so that false positives on absent classes are measured too. Each reference is a patch
+    centred on its class's bounding box in a training subject, as inference crops references; they are fixed by
+    ``seed``, so every validation run sees the same cases. With ``controls``, each case also carries the Dice of the
+    trivial rules of :mod:`scripts.controls` with the same references (computed once, NaN for absent classes).
 
-    Items: ``query_image`` 1 x D x H x W, ``query_mask`` K x D x H x W (uint8), ``support_image`` K x 1 x P,
-    ``support_mask`` K x 1 x P (uint8, each class with its own reference), ``class_ids`` K.
+    Items: ``query_image`` 1 x D x H x W, ``query_mask`` K x D x H x W (uint8), ``support_image`` K x 1 x 1 x P,
+    ``support_mask`` K x 1 x 1 x P (uint8, each class with its own reference, as in training episodes),
+    ``class_ids`` K, ``class_present`` K (bool), ``control_dice`` K x 2 (intensity rule, position rule).
 
     Args:
         pool: validation subjects.
         reference_pool: training subjects to draw references from (same datasets, by name).
         patch_size: size of the reference patch, the training patch size.
         seed: seed of the reference draw.
+        controls: score the trivial rules (a few ms per class and case, once).
     """
 
-    def __init__(self, pool: DatasetPool, reference_pool: DatasetPool, patch_size: Sequence[int], seed: int = 0):
+    def __init__(
+        self,
+        pool: DatasetPool,
+        reference_pool: DatasetPool,
+        patch_size: Sequence[int],
+        seed: int = 0,
+        controls: bool = True,
+    ):
         self.pool = pool
         self.reference_pool = reference_pool
         self.patch_size = tuple(patch_size)
         self.seed = seed
+        self.controls = controls
         self._cases = []
         for index, subject in enumerate(pool.subjects):
-            name = pool.datasets[subject.dataset].name
-            values = [value for value in sorted(subject.classes) if reference_pool.holders(name, value)]
-            if values:
-                self._cases.append((index, name, values))
+            info = pool.datasets[subject.dataset]
+            values = [value for value in sorted(info.labels) if reference_pool.holders(info.name, value)]
+            if set(values) & subject.classes:
+                self._cases.append((index, info.name, values))
         if not self._cases:
             raise DatasetPoolError("No validation subject has a class that also appears in a training subject.")
+        self._control_dice: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._cases)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        subject_index, dataset_name, values = self._cases[index]
-        subject = self.pool.subjects[subject_index]
+    def _references(self, index: int) -> list[Subject]:
+        """The reference subject of each class of case ``index``, drawn with the case's own seed."""
+        _, dataset_name, values = self._cases[index]
         rng = np.random.default_rng([self.seed, index])
-        images, masks = [], []
+        references = []
         for value in values:
             holders = self.reference_pool.holders(dataset_name, value)
-            reference = holders[rng.integers(len(holders))]
-            coords = reference.foreground[value]
-            image, label = crop_around(reference, coords[rng.integers(len(coords))], self.patch_size)
+            references.append(holders[rng.integers(len(holders))])
+        return references
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        subject_index, _, values = self._cases[index]
+        subject = self.pool.subjects[subject_index]
+        references = self._references(index)
+        images, masks = [], []
+        for value, reference in zip(values, references):
+            image, label = crop_around(reference, bounding_box_centre(reference.foreground[value]), self.patch_size)
             images.append(image)
             masks.append(binary_masks(label, [value], 1))
         info = self.pool.datasets[subject.dataset]
         names = self.pool.class_names
         image, label = subject.volumes()
-        return {
+        present = torch.tensor([value in subject.classes for value in values])
+        item = {
             "query_image": image,
             "query_mask": binary_masks(label, values, len(values)),
-            "support_image": torch.stack(images),
-            "support_mask": torch.stack(masks),
+            "support_image": torch.stack(images)[:, None],  # one shot per class
+            "support_mask": torch.stack(masks)[:, None],
             "class_ids": torch.tensor([names.index(info.class_name(v)) for v in values]),
+            "class_present": present,
         }
+        if self.controls:
+            if index not in self._control_dice:
+                references = [tuple(volume[0].numpy() for volume in reference.volumes()) for reference in references]
+                scores = control_dice(image[0].numpy(), label[0].numpy(), references, values)
+                self._control_dice[index] = torch.as_tensor(scores, dtype=torch.float32)
+            item["control_dice"] = self._control_dice[index]
+        return item

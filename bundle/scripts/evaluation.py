@@ -3,8 +3,11 @@
 For each draw and each k, every class gets k references (training subjects containing it, drawn with a fixed seed)
 that are encoded once; every validation subject is then segmented for all its classes with each strategy, and Dice,
 HD95 and surface Dice (NSD) are computed with ``monai.metrics``. Scores are averaged over subjects within a draw,
-then reported as mean and standard deviation over draws. Under torchrun each rank scores a share of the subjects
-and rank 0 writes the gathered results.
+then reported as mean and standard deviation over draws. Every class with references is requested in every subject,
+so the report also says whether the model follows its references (see :mod:`scripts.metrics`): the wrong-reference
+Dice and the false positives on absent classes per strategy and k, the k-independence of the decoder, and the Dice
+of the trivial rules of :mod:`scripts.controls` on the same subjects. Under torchrun each rank scores a share of the
+subjects and rank 0 writes the gathered results.
 """
 
 from __future__ import annotations
@@ -16,20 +19,47 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import nn
 
+from .controls import CONTROLS, control_dice
 from .distributed import gather_objects, is_main_process, rank, world_size
 from .inferers import InContextInferer
+from .metrics import k_dice_change, wrong_reference_dice
 from .pool import DatasetPool, Subject
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import Reference
 
 logger = logging.getLogger(__name__)
 METRICS = ("dice", "hd95", "nsd")
+
+
+@dataclass
+class Records:
+    """Raw scores of an evaluation (one rank's share, or all of them merged)."""
+
+    # (strategy, k, class name, draw) -> per-subject {"dice", "hd95", "nsd"} of a class the subject holds
+    classes: dict = field(default_factory=lambda: defaultdict(list))
+    # (strategy, k) -> wrong-reference Dice of every ordered class pair / FP fraction of every absent class
+    wrong_reference: dict = field(default_factory=lambda: defaultdict(list))
+    absent_fp: dict = field(default_factory=lambda: defaultdict(list))
+    controls: dict = field(default_factory=lambda: defaultdict(list))  # class name -> [intensity, position] Dice
+    k_changes: list = field(default_factory=list)  # Dice changes, class alone vs with all others
+
+    def extend(self, other: Records) -> None:
+        for name in ("classes", "wrong_reference", "absent_fp", "controls"):
+            for key, values in getattr(other, name).items():
+                getattr(self, name)[key].extend(values)
+        self.k_changes.extend(other.k_changes)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
 
 
 class KShotEvaluation:
@@ -49,6 +79,7 @@ class KShotEvaluation:
         nsd_tolerance_mm: surface-Dice tolerance.
         tuning_steps, tuning_lr: in-context tuning schedule.
         retrieval_top_k: references averaged by the retrieval strategy.
+        k_independence_cases: subjects (per rank) that get the k-independence check.
     """
 
     def __init__(
@@ -67,6 +98,7 @@ class KShotEvaluation:
         tuning_steps: int = 20,
         tuning_lr: float = 1e-3,
         retrieval_top_k: int = 1,
+        k_independence_cases: int = 2,
     ) -> None:
         self.strategies = [check_strategy(s) for s in strategies]
         if not shots or min(shots) < 1 or draws < 1:
@@ -77,6 +109,8 @@ class KShotEvaluation:
         self.nsd_tolerance_mm = nsd_tolerance_mm
         self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
         self.patch_size = inferer.roi_size
+        self.k_independence_cases = k_independence_cases
+        self.mean_voxels = train_pool.mean_class_voxels()
 
     def _embeddings(
         self,
@@ -99,38 +133,58 @@ class KShotEvaluation:
         return mean
 
     @torch.no_grad()
-    def _score(self, subject: Subject, logits: torch.Tensor, values: Sequence[int]) -> list[dict[str, float]]:
-        """Dice, HD95 and NSD of every class of one subject (the subject's own voxel spacing is the resampled one)."""
-        pred = (logits > 0).float().cpu()  # 1 x K x D x H x W
+    def _score(
+        self, subject: Subject, logits: torch.Tensor, values: Sequence[int], names: Sequence[str]
+    ) -> tuple[dict[str, dict[str, float]], list[float], list[float]]:
+        """Scores of one subject segmented for ``values`` (logits K x D x H x W).
+
+        Returns:
+            Dice, HD95 and NSD of each class the subject holds (by name; the subject's spacing is the resampled one),
+            the wrong-reference Dice of every ordered pair of those classes, and the voxels predicted for each class
+            it does not hold as a fraction of that class's mean volume.
+        """
+        pred = logits > 0
         label = subject.label[0]
-        truth = torch.stack([label == v for v in values])[None].float()
-        spacing = subject.spacing
-        dice = compute_dice(pred, truth, include_background=True, ignore_empty=False)[0]
-        hd95 = compute_hausdorff_distance(pred, truth, include_background=True, percentile=95, spacing=spacing)[0]
-        nsd = compute_surface_dice(
-            pred, truth, [self.nsd_tolerance_mm] * len(values), include_background=True, spacing=spacing
-        )[0]
-        return [{"dice": float(d), "hd95": float(h), "nsd": float(n)} for d, h, n in zip(dice, hd95, nsd)]
+        truth = torch.stack([label == v for v in values])
+        held = [i for i, v in enumerate(values) if v in subject.classes]
+        absent = [
+            float(pred[i].sum()) / max(self.mean_voxels.get(names[i], 1.0), 1.0)
+            for i, v in enumerate(values)
+            if v not in subject.classes
+        ]
+        if not held:
+            return {}, [], absent
+        p, t, spacing = pred[held][None].float(), truth[held][None].float(), subject.spacing
+        dice = compute_dice(p, t, include_background=True, ignore_empty=False)[0]
+        hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)[0]
+        nsd = compute_surface_dice(p, t, [self.nsd_tolerance_mm] * len(held), include_background=True, spacing=spacing)
+        scores = {
+            names[i]: {"dice": float(d), "hd95": float(h), "nsd": float(n)}
+            for i, d, h, n in zip(held, dice, hd95, nsd[0])
+        }
+        matrix = wrong_reference_dice(pred[held], truth[held])
+        wrong = matrix[~torch.eye(len(held), dtype=torch.bool)].tolist()
+        return scores, wrong, absent
 
     def run(self) -> dict:
         if self.ckpt_path:
             self.network.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
         self.network.eval()
-        scores: dict = defaultdict(list)  # (strategy, k, class, draw) -> per-subject scores
+        records = Records()
         for draw in range(self.draws):
             for k in self.shots:
-                self._evaluate_draw(draw, k, scores)
-        merged: dict = defaultdict(list)
-        for part in gather_objects(dict(scores)):  # every rank's share, under torchrun
-            for key, values in part.items():
-                merged[key].extend(values)
+                self._evaluate_draw(draw, k, records)
+        merged = Records()
+        for part in gather_objects(records):  # every rank's share, under torchrun
+            merged.extend(part)
         results = self._summarise(merged)
         if is_main_process():
             self._write(results)
         return results
 
-    def _evaluate_draw(self, draw: int, k: int, scores: dict) -> None:
+    def _evaluate_draw(self, draw: int, k: int, records: Records) -> None:
         rng = np.random.default_rng([self.seed, draw, k])
+        first = draw == 0 and k == self.shots[0]  # the draw that also scores the trivial rules and k-independence
         for dataset_index, info in enumerate(self.val_pool.datasets):
             values = [v for v in sorted(info.labels) if self.train_pool.holders(info.name, v)]
             if not values:
@@ -142,6 +196,9 @@ class KShotEvaluation:
             # k x K x T x C, each class from its own k references
             per_reference, holds = encode_references(self.network, references, values, self.patch_size)
             names = [info.class_name(v) for v in values]
+            subjects = [s for s in self.val_pool.subjects if s.dataset == dataset_index][rank() :: world_size()]
+            if first:
+                self._score_controls(subjects, references, values, names, one_shot(per_reference, holds), records)
             for strategy in self.strategies:
                 columns = self._columns(strategy, names)  # the classes this strategy can segment
                 if not columns:
@@ -151,19 +208,42 @@ class KShotEvaluation:
                 else:
                     embeddings = self._embeddings(strategy, per_reference, holds, references, values, names)
                     self.inferer.set_task(embeddings)  # memory: only the bank's classes, in column order
-                subjects = [s for s in self.val_pool.subjects if s.dataset == dataset_index]
-                for subject in subjects[rank() :: world_size()]:  # each rank scores its share of the subjects
-                    present = [c for c, i in enumerate(columns) if values[i] in subject.classes]  # logit channels
-                    if not present:
+                for subject in subjects:  # each rank scores its share of the subjects
+                    if not any(values[i] in subject.classes for i in columns):
                         continue
                     with torch.no_grad():
-                        logits = self.inferer(subject.image[None].to(self._device), self.network)
-                    classes = [columns[c] for c in present]
-                    for i, result in zip(
-                        classes, self._score(subject, logits[:, present], [values[i] for i in classes])
-                    ):
-                        scores[(strategy, k, names[i], draw)].append(result)
+                        logits = self.inferer(subject.image[None].to(self._device), self.network)[0].cpu()
+                    scores, wrong, absent = self._score(
+                        subject, logits, [values[i] for i in columns], [names[i] for i in columns]
+                    )
+                    for name, result in scores.items():
+                        records.classes[(strategy, k, name, draw)].append(result)
+                    records.wrong_reference[(strategy, k)].extend(wrong)
+                    records.absent_fp[(strategy, k)].extend(absent)
             logger.info(f"k-shot evaluation: draw {draw + 1}/{self.draws}, k={k}, {info.name} done")
+
+    def _score_controls(
+        self,
+        subjects: Sequence[Subject],
+        references: Sequence[Sequence[Reference]],
+        values: Sequence[int],
+        names: Sequence[str],
+        embeddings: torch.Tensor,
+        records: Records,
+    ) -> None:
+        """The trivial rules with each class's first reference, and the k-independence check of the first
+        ``k_independence_cases`` subjects, with the one-shot ``embeddings`` (1 x K x T x C)."""
+        first = [[volume[0].numpy() for volume in refs[0].subject.volumes()] for refs in references]
+        for index, subject in enumerate(subjects):
+            image, label = (volume[0].numpy() for volume in subject.volumes())
+            for name, row in zip(names, control_dice(image, label, first, values)):
+                if not np.isnan(row).any():
+                    records.controls[name].append(row.tolist())
+            if index < self.k_independence_cases:
+                truth = torch.stack([torch.as_tensor(label == v) for v in values])[None].to(self._device)
+                query = subject.image[None].to(self._device)
+                change = k_dice_change(self.network, query, truth, embeddings, self.patch_size)
+                records.k_changes.extend(change[~change.isnan()].tolist())
 
     def _columns(self, strategy: str, names: Sequence[str]) -> list[int]:
         """Indices of the classes a strategy can segment: all, or the memory bank's classes for ``memory``."""
@@ -182,8 +262,38 @@ class KShotEvaluation:
         replace = len(holders) < k
         return [holders[i] for i in rng.choice(len(holders), size=k, replace=replace)]
 
-    def _summarise(self, scores: dict) -> dict:
-        """Group into seen / held-out; per class mean and std over draws; per group the mean over classes."""
+    def _summarise(self, records: Records) -> dict:
+        """Group into seen / held-out (per class mean and std over draws; per group the mean over classes), then add
+        the reference-following measures and the trivial rules."""
+        results = self._summarise_groups(records.classes)
+        held_out = set(self.val_pool.held_out_class_names)
+        results["reference_following"] = {
+            strategy: {
+                str(k): {
+                    "wrong_reference_dice": _mean(records.wrong_reference[(strategy, k)]),
+                    "absent_class_fp": _mean(records.absent_fp[(strategy, k)]),
+                }
+                for k in self.shots
+            }
+            for strategy in self.strategies
+        }
+        results["k_independence"] = max(records.k_changes) if records.k_changes else float("nan")
+        results["controls"] = {
+            group: {
+                rule: _mean(
+                    [
+                        np.mean([row[c] for row in rows])
+                        for name, rows in records.controls.items()
+                        if (name in held_out) == (group == "held_out")
+                    ]
+                )
+                for c, rule in enumerate(CONTROLS)
+            }
+            for group in ("seen", "held_out")
+        }
+        return results
+
+    def _summarise_groups(self, scores: dict) -> dict:
         held_out = set(self.val_pool.held_out_class_names)
         per_class: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
         for strategy in self.strategies:
@@ -217,10 +327,11 @@ class KShotEvaluation:
     def _write(self, results: dict) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "metrics.json").write_text(json.dumps(results, indent=4))
+        groups = {group: results[group] for group in ("seen", "held_out") if group in results}
         with open(self.output_dir / "metrics.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["group", "strategy", "k", "class", *[f"{m}{s}" for m in METRICS for s in ("", "_std")]])
-            for group, strategies in results.items():
+            for group, strategies in groups.items():
                 for strategy, by_k in strategies.items():
                     for k, entry in by_k.items():
                         for name, values in [*entry["per_class"].items(), ("mean", entry["mean"])]:
@@ -229,7 +340,7 @@ class KShotEvaluation:
         figure = Figure(figsize=(10, 4))
         axes = figure.subplots(1, 2, sharey=True)
         for axis, group in zip(axes, ("seen", "held_out")):
-            for strategy, by_k in results.get(group, {}).items():
+            for strategy, by_k in groups.get(group, {}).items():
                 ks = sorted(by_k, key=int)
                 axis.errorbar(
                     [int(k) for k in ks],
@@ -247,9 +358,19 @@ class KShotEvaluation:
         axes[0].legend()
         figure.tight_layout()
         figure.savefig(self.output_dir / "dice_vs_k.png", dpi=100)
-        for group, strategies in results.items():
+        for group, strategies in groups.items():
             for strategy, by_k in strategies.items():
                 summary = ", ".join(
                     f"k={k}: {v['mean']['dice']:.4f}" for k, v in sorted(by_k.items(), key=lambda x: int(x[0]))
                 )
                 logger.info(f"{group} Dice, {strategy}: {summary}")
+        for strategy, by_k in results["reference_following"].items():
+            summary = ", ".join(
+                f"k={k}: {v['wrong_reference_dice']:.4f} / {v['absent_class_fp']:.4f}" for k, v in by_k.items()
+            )
+            logger.info(f"wrong-reference Dice / absent-class FP, {strategy}: {summary}")
+        controls = "; ".join(
+            f"{group}: " + ", ".join(f"{rule} {value:.4f}" for rule, value in rules.items())
+            for group, rules in results["controls"].items()
+        )
+        logger.info(f"k_independence {results['k_independence']:.4f}; trivial rules' Dice: {controls}")

@@ -76,12 +76,12 @@ class InContextInferer(Inferer):
         self._top_k = 1
 
     def set_task(self, embeddings: torch.Tensor | None) -> None:
-        """Use ``embeddings`` (1 x K x (m+1) x C) for every following query; None means the memory bank."""
+        """Use ``embeddings`` (1 x K x T x C) for every following query; None means the memory bank."""
         self.task_embeddings = embeddings
         self._references = None
 
     def set_retrieval(self, per_reference: torch.Tensor, present: torch.Tensor, top_k: int) -> None:
-        """Retrieve per query among ``per_reference`` (R x K x (m+1) x C, where ``present``), averaging the ``top_k``
+        """Retrieve per query among ``per_reference`` (R x K x T x C, where ``present``), averaging the ``top_k``
         most similar."""
         self.task_embeddings = ensemble(per_reference, present)
         self._references = (per_reference, present)

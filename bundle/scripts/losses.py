@@ -18,6 +18,8 @@ from monai.losses import DiceLoss
 from monai.losses import FocalLoss as MonaiFocalLoss
 from torch import nn
 
+UNLABELLED_LOGIT = -100.0  # sigmoid 0 and target 0: no Dice, BCE, focal or false-positive contribution
+
 __all__ = ["EpisodicLoss", "DiceBCELoss", "FocalLoss", "DiceFocalLoss", "LOSSES", "build_loss"]
 
 
@@ -54,7 +56,11 @@ class EpisodicLoss(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, logits: torch.Tensor, target: torch.Tensor, class_valid: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        class_valid: torch.Tensor | None = None,
+        unlabelled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Computes the loss of a batch of episodes.
 
@@ -62,6 +68,10 @@ class EpisodicLoss(nn.Module):
             logits: ``B x K x D x H x W`` raw scores (any number of spatial dims, any float dtype).
             target: binary ``B x K x D x H x W`` masks, same shape as ``logits``.
             class_valid: ``B x K`` bool, False for padded classes; ``None`` means every class is valid.
+            unlabelled: ``B x 1 x D x H x W`` bool, True for voxels whose truth the episode does not know (structures
+                of held-out classes): they count neither as foreground nor as background of any class, so the model
+                is not taught to suppress what it will later be asked to segment. Their logits are replaced by a
+                constant of zero loss and zero gradient (the voxel-mean terms still divide by every voxel).
 
         Returns:
             Scalar float32 loss: the weighted mean over valid ``(b, k)`` entries; 0 (still attached to ``logits``'
@@ -82,6 +92,10 @@ class EpisodicLoss(nn.Module):
             voxel_valid = class_valid.view(batch, classes, *([1] * (logits.ndim - 2)))
             logits = torch.where(voxel_valid, logits.float(), 0.0)
             target = torch.where(voxel_valid, target.float(), 0.0)
+            if unlabelled is not None:
+                unlabelled = unlabelled.to(device=logits.device, dtype=torch.bool)
+                logits = torch.where(unlabelled, UNLABELLED_LOGIT, logits)
+                target = torch.where(unlabelled, 0.0, target)
             weights = class_valid.float()
             if self.class_weights is not None:
                 if len(self.class_weights) != classes:
@@ -89,6 +103,21 @@ class EpisodicLoss(nn.Module):
                 weights = weights * torch.tensor(self.class_weights, device=logits.device)
             loss = (self.per_entry(logits, target) * weights).sum()
             return loss / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def soft_dice(dice: DiceLoss, logits: torch.Tensor, target: torch.Tensor, empty_fraction: float) -> torch.Tensor:
+    """``B x K`` soft Dice losses; an empty target's loss is its Dice with a smoothing of ``empty_fraction`` x voxels.
+
+    A requested class absent from the query (an empty target) has a Dice of 0 for any prediction but an exactly empty
+    one: a constant without gradient, so false positives on absent classes would cost only the voxel-wise term. With
+    the smoothing ``tau`` in numerator and denominator its loss becomes ``sum(p) / (sum(p) + tau)``: a false object of
+    ``tau`` voxels costs half a Dice, as a half-missed object does.
+    """
+    has_foreground = target.flatten(2).amax(dim=2) > 0  # B x K
+    losses = dice(logits, target).flatten(1)  # MONAI keeps B x K x 1 x ... x 1 with reduction="none"
+    predicted = torch.sigmoid(logits).flatten(2).sum(dim=2)  # B x K soft volumes
+    tau = max(empty_fraction * logits[0, 0].numel(), 1.0)
+    return torch.where(has_foreground, losses, predicted / (predicted + tau))
 
 
 def _check_non_negative(**values: float) -> None:
@@ -110,6 +139,8 @@ class DiceBCELoss(EpisodicLoss):
         class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
         smooth_nr: constant added to the Dice numerator.
         smooth_dr: constant added to the Dice denominator.
+        empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
+            :func:`soft_dice`); a false object of that size costs half a Dice.
     """
 
     def __init__(
@@ -119,16 +150,19 @@ class DiceBCELoss(EpisodicLoss):
         class_weights: Sequence[float] | None = None,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
+        empty_fraction: float = 0.01,
     ) -> None:
         super().__init__(class_weights)
         _check_non_negative(dice_weight=dice_weight, bce_weight=bce_weight)
         self.dice_weight = float(dice_weight)
         self.bce_weight = float(bce_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        _check_non_negative(empty_fraction=empty_fraction)
+        self.empty_fraction = float(empty_fraction)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Returns ``B x K`` weighted Dice + voxel-mean BCE."""
-        dice = self.dice(logits, target).flatten(1)  # MONAI keeps B x K x 1 x ... x 1 with reduction="none".
+        dice = soft_dice(self.dice, logits, target, self.empty_fraction)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(dim=2)
         return self.dice_weight * dice + self.bce_weight * bce
 
@@ -168,6 +202,8 @@ class DiceFocalLoss(EpisodicLoss):
         class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
         smooth_nr: constant added to the Dice numerator.
         smooth_dr: constant added to the Dice denominator.
+        empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
+            :func:`soft_dice`); a false object of that size costs half a Dice.
     """
 
     def __init__(
@@ -179,17 +215,20 @@ class DiceFocalLoss(EpisodicLoss):
         class_weights: Sequence[float] | None = None,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
+        empty_fraction: float = 0.01,
     ) -> None:
         super().__init__(class_weights)
         _check_non_negative(dice_weight=dice_weight, focal_weight=focal_weight)
         self.dice_weight = float(dice_weight)
         self.focal_weight = float(focal_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        _check_non_negative(empty_fraction=empty_fraction)
+        self.empty_fraction = float(empty_fraction)
         self.focal = FocalLoss(alpha=alpha, gamma=gamma)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Returns ``B x K`` weighted Dice + voxel-mean focal losses."""
-        dice = self.dice(logits, target).flatten(1)
+        dice = soft_dice(self.dice, logits, target, self.empty_fraction)
         return self.dice_weight * dice + self.focal_weight * self.focal.per_entry(logits, target)
 
 

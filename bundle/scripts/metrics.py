@@ -1,48 +1,88 @@
-"""Per-class Dice of in-context predictions, averaged over a group of classes (seen or held-out)."""
+"""Validation metrics of in-context segmentation: does the model segment what its reference shows?
+
+Dice alone cannot tell a model that reads its reference from one that segments "the object in the middle" or "every
+object". So besides the per-group Dice (:class:`ClassGroupDice`), validation measures:
+
+- :class:`WrongReferenceDice`: Dice of the prediction made with class B's reference against class A's truth, for
+  classes A != B of the same query. A model that follows its reference scores near 0; one that ignores it scores
+  about its Dice.
+- :class:`AbsentClassFalsePositives`: voxels predicted for a class whose reference is given but which the query does
+  not hold, as a fraction of that class's mean volume.
+- :class:`KIndependence`: the largest Dice change of a class decoded alone vs together with the query's other classes.
+- :class:`ClassGroupDice` with ``scores="intensity_rule"`` / ``"position_rule"``: the trivial rules of
+  :mod:`scripts.controls` on the same cases, to read the model's Dice against.
+
+Every metric reads the evaluator output of :class:`scripts.engines.EpisodicEvaluator` (``pred`` logits, ``label``
+masks, ``class_ids``, ``class_present``, ``control_dice``, ``k_dice_change``) and gathers its values over ranks.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from ignite.metrics import Metric
 from monai.metrics import compute_dice
 
+from .controls import CONTROLS
 from .distributed import gather_objects
+from .episodes import bounding_box_centre, crop_patch
 
 GROUPS = ("seen", "held_out", "all")
+SCORES = ("model", *CONTROLS)
 
 
-class ClassGroupDice(Metric):
-    """Mean over classes of each class's mean Dice, for the classes of one group.
+def _gathered(values: list) -> list:
+    return [value for part in gather_objects(values) for value in part]
+
+
+class EvaluatorMetric(Metric):
+    """An ignite metric that reads the named entries ``required_output_keys`` of the evaluator output."""
+
+    required_output_keys: tuple[str, ...] = ()
+
+    def update(self, output: Sequence[torch.Tensor]) -> None:  # ignite passes the entries in key order
+        self.update_entries(dict(zip(self.required_output_keys, output)))
+
+    def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class ClassGroupDice(EvaluatorMetric):
+    """Mean over classes of each class's mean Dice, for the classes of one group that the query holds.
 
     Classes are identified by ``class_ids`` in the engine output (indices into ``class_names``); a class counts as
-    held-out when its name is in ``held_out``. Predictions are thresholded at ``sigmoid(logit) > 0.5``.
+    held-out when its name is in ``held_out``. Classes absent from the query (``class_present`` False) are scored by
+    :class:`AbsentClassFalsePositives` instead. Predictions are thresholded at ``sigmoid(logit) > 0.5``.
 
     Args:
         class_names: global class names, ``dataset/label``.
         held_out: names of held-out classes.
         group: ``"seen"``, ``"held_out"`` or ``"all"``.
-        output_transform: ignite output transform.
+        scores: ``"model"`` scores the predictions; ``"intensity_rule"`` / ``"position_rule"`` the trivial rules'
+            Dice on the same cases (``control_dice`` of the output).
     """
 
-    required_output_keys = ("pred", "label", "class_ids")
-
     def __init__(
-        self,
-        class_names: Sequence[str],
-        held_out: Sequence[str] = (),
-        group: str = "seen",
-        output_transform: Callable = lambda output: output,
+        self, class_names: Sequence[str], held_out: Sequence[str] = (), group: str = "seen", scores: str = "model"
     ) -> None:
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got '{group}'.")
+        if scores not in SCORES:
+            raise ValueError(f"scores must be one of {SCORES}, got '{scores}'.")
         self.class_names = list(class_names)
         self.held_out = set(held_out)
         self.group = group
+        self.scores = scores
+        self.required_output_keys = (
+            ("pred", "label", "class_ids", "class_present")
+            if scores == "model"
+            else ("control_dice", "class_ids", "class_present")
+        )
         self._scores: dict[str, list[float]] = defaultdict(list)
-        super().__init__(output_transform=output_transform)
+        super().__init__()
 
     def _in_group(self, name: str) -> bool:
         return self.group == "all" or (name in self.held_out) == (self.group == "held_out")
@@ -50,11 +90,17 @@ class ClassGroupDice(Metric):
     def reset(self) -> None:
         self._scores = defaultdict(list)
 
-    def update(self, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        logits, label, class_ids = output  # B x K x spatial, B x K x spatial, B x K
-        dice = compute_dice((logits > 0).float(), label.float(), include_background=True, ignore_empty=False)
-        for score, class_id in zip(dice.flatten().tolist(), class_ids.flatten().tolist()):
-            if class_id >= 0 and self._in_group(self.class_names[class_id]):
+    def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
+        class_ids, present = output["class_ids"], output["class_present"]  # B x K each
+        if self.scores == "model":
+            logits, label = output["pred"], output["label"]  # B x K x spatial each
+            dice = compute_dice((logits > 0).float(), label.float(), include_background=True, ignore_empty=False)
+        elif output["control_dice"] is not None:
+            dice = output["control_dice"][..., CONTROLS.index(self.scores)]  # B x K
+        else:  # the validation cases carry no control scores
+            return
+        for score, class_id, holds in zip(dice.flatten().tolist(), class_ids.flatten().tolist(), present.flatten()):
+            if class_id >= 0 and holds and self._in_group(self.class_names[class_id]):
                 self._scores[self.class_names[class_id]].append(score)
 
     def per_class(self) -> dict[str, float]:
@@ -68,3 +114,124 @@ class ClassGroupDice(Metric):
     def compute(self) -> float:
         means = list(self.per_class().values())
         return sum(means) / len(means) if means else float("nan")
+
+
+def wrong_reference_dice(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Dice of every class's prediction against every other class's truth.
+
+    Args:
+        pred: K x N binary predictions (one row per reference).
+        truth: K x N binary truths.
+
+    Returns:
+        K x K matrix, entry ``[b, a]`` = Dice(pred of b, truth of a); the diagonal is the ordinary Dice.
+    """
+    pred, truth = pred.flatten(1).float(), truth.flatten(1).float()
+    overlap = pred @ truth.T
+    total = pred.sum(1)[:, None] + truth.sum(1)[None, :]
+    return torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.ones_like(total))
+
+
+class WrongReferenceDice(EvaluatorMetric):
+    """Mean Dice against class A's truth of the prediction made with class B's reference, over ordered pairs A != B
+    of classes that the same query holds. Near 0 when the model follows its reference."""
+
+    required_output_keys = ("pred", "label", "class_present")
+
+    def reset(self) -> None:
+        self._values: list[float] = []
+
+    def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
+        for pred, label, present in zip(output["pred"], output["label"], output["class_present"]):
+            rows = present.nonzero().flatten()
+            if len(rows) < 2:
+                continue
+            matrix = wrong_reference_dice(pred[rows] > 0, label[rows] > 0)
+            off_diagonal = ~torch.eye(len(rows), dtype=torch.bool, device=matrix.device)
+            self._values.extend(matrix[off_diagonal].tolist())
+
+    def compute(self) -> float:
+        values = _gathered(self._values)
+        return float(np.mean(values)) if values else float("nan")
+
+
+class AbsentClassFalsePositives(EvaluatorMetric):
+    """Mean, over (case, class) pairs where the reference's class is absent from the query, of the voxels predicted
+    for it as a fraction of that class's mean volume.
+
+    Args:
+        class_names: global class names that ``class_ids`` index.
+        mean_voxels: mean voxel count of each class (by name) where it is present, e.g. over the reference pool.
+    """
+
+    required_output_keys = ("pred", "class_ids", "class_present")
+
+    def __init__(self, class_names: Sequence[str], mean_voxels: Mapping[str, float]) -> None:
+        self.class_names = list(class_names)
+        self.mean_voxels = dict(mean_voxels)
+        super().__init__()
+
+    def reset(self) -> None:
+        self._values: list[float] = []
+
+    def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
+        for pred, ids, present in zip(output["pred"], output["class_ids"], output["class_present"]):
+            for k in (~present & (ids >= 0)).nonzero().flatten().tolist():
+                name = self.class_names[int(ids[k])]
+                predicted = float((pred[k] > 0).sum())
+                self._values.append(predicted / max(self.mean_voxels.get(name, 1.0), 1.0))
+
+    def compute(self) -> float:
+        values = _gathered(self._values)
+        return float(np.mean(values)) if values else float("nan")
+
+
+@torch.no_grad()
+def k_dice_change(
+    network: torch.nn.Module,
+    query: torch.Tensor,
+    truth: torch.Tensor,
+    embeddings: torch.Tensor,
+    patch_size: Sequence[int],
+) -> torch.Tensor:
+    """Each class's Dice change between decoding it alone and with all other classes, on one window of the query.
+
+    The window (``patch_size``) is centred on the query's labelled structures, so it holds several of them.
+
+    Args:
+        network: the IrisNet (or a wrapper with the same forward).
+        query: 1 x 1 x D x H x W query volume.
+        truth: 1 x K x D x H x W binary masks of the K classes.
+        embeddings: 1 x K x T x C task embeddings.
+        patch_size: window size, the training patch size.
+
+    Returns:
+        1 x K absolute Dice changes, NaN for classes the window does not hold.
+    """
+    foreground = truth[0].any(0).nonzero()
+    centre = bounding_box_centre(foreground) if len(foreground) else [n // 2 for n in truth.shape[2:]]
+    window = crop_patch(query[0], centre, patch_size)[None]  # 1 x 1 x P
+    target = crop_patch(truth[0], centre, patch_size)[None].float()  # 1 x K x P
+    together = network(window, embeddings) > 0  # 1 x K x P
+    alone = torch.cat([network(window, embeddings[:, [k]]) > 0 for k in range(embeddings.shape[1])], dim=1)
+    dice_together = compute_dice(together.float(), target, include_background=True, ignore_empty=True)
+    dice_alone = compute_dice(alone.float(), target, include_background=True, ignore_empty=True)
+    return (dice_alone - dice_together).abs()
+
+
+class KIndependence(EvaluatorMetric):
+    """The largest Dice change of a class decoded alone vs together with every other class of the query
+    (``k_dice_change`` of the output, NaN where not measured)."""
+
+    required_output_keys = ("k_dice_change",)
+
+    def reset(self) -> None:
+        self._values: list[float] = []
+
+    def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
+        changes = output["k_dice_change"].flatten()
+        self._values.extend(changes[~changes.isnan()].tolist())
+
+    def compute(self) -> float:
+        values = _gathered(self._values)
+        return float(max(values)) if values else float("nan")

@@ -26,6 +26,8 @@ from .transforms import subject_preprocessing
 logger = logging.getLogger(__name__)
 
 FOREGROUND_SAMPLES = 512  # voxel coordinates kept per class to centre foreground-aware crops
+SPLITS = ("training", "validation", "test")  # "test": labelled subjects kept out of model selection
+CACHE_FORMAT = 2  # bumped when a cache entry's content changes, so older entries are rebuilt
 
 
 class DatasetPoolError(ValueError):
@@ -60,6 +62,8 @@ class Subject:
     dataset: int
     image_path: str
     foreground: dict[int, np.ndarray] = field(default_factory=dict)  # label value -> N x 3 voxel coordinates
+    voxels: dict[int, int] = field(default_factory=dict)  # label value -> its voxel count
+    shape: tuple[int, ...] = ()  # spatial shape D x H x W after preprocessing
     spacing: tuple[float, ...] = (1.0, 1.0, 1.0)  # voxel size in mm after preprocessing, for surface metrics
     tensors: tuple[torch.Tensor, torch.Tensor] | None = None
     cache_file: str | None = None
@@ -82,6 +86,11 @@ class Subject:
     @property
     def classes(self) -> set[int]:
         return set(self.foreground)
+
+    @property
+    def is_single_slice(self) -> bool:
+        """A 2D image, held as a single-slice volume."""
+        return self.shape[-1] == 1
 
 
 def check_subject(record: Mapping[str, str], data: Mapping[str, torch.Tensor], labels: Collection[int]) -> str | None:
@@ -128,7 +137,7 @@ def _read_dataset_json(path: Path) -> DatasetInfo:
     unknown = held_out - set(labels.values())
     if unknown:
         raise DatasetPoolError(f"{path}: held_out_labels {sorted(unknown)} are not names in 'labels'.")
-    entries = {split: content.get(split, []) for split in ("training", "validation")}
+    entries = {split: content.get(split, []) for split in SPLITS}
     return DatasetInfo(content.get("name", path.parent.name), path.parent, str(modality), labels, held_out, entries)
 
 
@@ -137,7 +146,7 @@ class DatasetPool:
 
     Args:
         dataset_files: paths of MSD-style ``dataset.json`` files.
-        split: ``"training"`` or ``"validation"``.
+        split: ``"training"``, ``"validation"`` or ``"test"`` (labelled entries, like the other two).
         target_spacing: resampling spacing in mm, or None to keep native spacing.
         min_class_voxels: a class smaller than this in a subject does not count as present there.
         num_workers: threads used to load and preprocess subjects.
@@ -175,6 +184,8 @@ class DatasetPool:
         names = [info.name for info in self.datasets]
         if len(set(names)) != len(names):
             raise DatasetPoolError(f"Dataset names in the pool must be unique, got {names}.")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'.")
         self.split = split
         self.min_class_voxels = min_class_voxels
         self._preprocess = [
@@ -246,7 +257,13 @@ class DatasetPool:
         stats = [
             (record[key], Path(record[key]).stat().st_size, Path(record[key]).stat().st_mtime_ns) for key in record
         ]
-        preprocessing = (self.datasets[dataset].modality, self.target_spacing, self.min_class_voxels, self.in_channels)
+        preprocessing = (
+            self.datasets[dataset].modality,
+            self.target_spacing,
+            self.min_class_voxels,
+            self.in_channels,
+            CACHE_FORMAT,
+        )
         key = repr((stats, *preprocessing))
         return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
 
@@ -259,8 +276,15 @@ class DatasetPool:
         if cache_file is not None and cache_file.is_file():
             try:
                 content = torch.load(cache_file, map_location="cpu", weights_only=True)
-                foreground = {int(v): c.numpy() for v, c in content["foreground"].items()}
-                return Subject(dataset, record["image"], foreground, tuple(content["spacing"]), None, str(cache_file))
+                return Subject(
+                    dataset,
+                    record["image"],
+                    foreground={int(v): c.numpy() for v, c in content["foreground"].items()},
+                    voxels={int(v): int(n) for v, n in content["voxels"].items()},
+                    shape=tuple(content["shape"]),
+                    spacing=tuple(content["spacing"]),
+                    cache_file=str(cache_file),
+                )
             except Exception as error:  # an unreadable cache entry is rebuilt from the original files
                 logger.warning(f"Rebuilding the cache entry {cache_file} of {record['image']}: {error}")
         try:
@@ -279,23 +303,27 @@ class DatasetPool:
         spacing = tuple(float(x) for x in affine_to_spacing(data["image"].affine, r=3))
         image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
         label = convert_to_tensor(data["label"], track_meta=False).round().to(torch.int16)
-        foreground = self._foreground(label, seed=zlib.crc32(record["image"].encode()))
+        foreground, voxels = self._foreground(label, seed=zlib.crc32(record["image"].encode()))
+        shape = tuple(label.shape[1:])
         if cache_file is None:
-            return Subject(dataset, record["image"], foreground, spacing, (image, label))
+            return Subject(dataset, record["image"], foreground, voxels, shape, spacing, (image, label))
         content = {
             "image": image,
             "label": label,
             "foreground": {value: torch.from_numpy(coords) for value, coords in foreground.items()},
+            "voxels": voxels,
+            "shape": list(shape),
             "spacing": list(spacing),
         }
         atomic_save(content, cache_file)
-        return Subject(dataset, record["image"], foreground, spacing, None, str(cache_file))
+        return Subject(dataset, record["image"], foreground, voxels, shape, spacing, None, str(cache_file))
 
-    def _foreground(self, label: torch.Tensor, seed: int) -> dict[int, np.ndarray]:
-        """A fixed random sample of voxel coordinates per class present with at least ``min_class_voxels`` voxels."""
+    def _foreground(self, label: torch.Tensor, seed: int) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+        """Per class present with at least ``min_class_voxels`` voxels: a fixed random sample of its voxel coordinates,
+        and its voxel count."""
         rng = np.random.default_rng(seed)
         array = label[0].numpy()
-        foreground = {}
+        foreground, voxels = {}, {}
         for value in np.unique(array):
             if value == 0:
                 continue
@@ -303,4 +331,14 @@ class DatasetPool:
             if len(coords) >= self.min_class_voxels:
                 keep = rng.choice(len(coords), size=min(len(coords), FOREGROUND_SAMPLES), replace=False)
                 foreground[int(value)] = coords[np.sort(keep)]
-        return foreground
+                voxels[int(value)] = len(coords)
+        return foreground, voxels
+
+    def mean_class_voxels(self) -> dict[str, float]:
+        """Mean voxel count of each class over the subjects that hold it, by global class name."""
+        counts: dict[str, list[int]] = {}
+        for subject in self.subjects:
+            info = self.datasets[subject.dataset]
+            for value, count in subject.voxels.items():
+                counts.setdefault(info.class_name(value), []).append(count)
+        return {name: float(np.mean(values)) for name, values in counts.items()}

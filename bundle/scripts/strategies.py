@@ -1,6 +1,6 @@
 """IRIS inference strategies: how the task embeddings of the requested classes are obtained.
 
-Each strategy returns ``1 x K x (m+1) x C`` embeddings; all but retrieval are computed once and reused for every
+Each strategy returns ``1 x K x T x C`` embeddings; all but retrieval are computed once and reused for every
 query and every sliding window.
 """
 

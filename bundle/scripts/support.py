@@ -91,7 +91,9 @@ def load_references(
             coords = np.argwhere(label[0].numpy() == value)
             if len(coords):
                 foreground[value] = coords
-        references.append(Reference(label_path, Subject(0, image_path, foreground, tensors=(image, label))))
+        voxels = {value: len(coords) for value, coords in foreground.items()}
+        subject = Subject(0, image_path, foreground, voxels, tuple(label.shape[1:]), tensors=(image, label))
+        references.append(Reference(label_path, subject))
     for name, value in classes.items():
         if not problems and not any(value in reference.subject.classes for reference in references):
             problems.append(f"class '{name}' (label value {value}) is labelled in none of {list(labels)}")

@@ -29,7 +29,7 @@ def load_embeddings(path: str | Path) -> dict:
 
 
 def save_embeddings(path: str | Path, classes: Mapping[str, int], embeddings: torch.Tensor, strategy: str) -> None:
-    """Write class names, label values and embeddings (1 x K x (m+1) x C) so references need not be shared."""
+    """Write class names, label values and embeddings (1 x K x T x C) so references need not be shared."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     content = {"classes": dict(classes), "embeddings": embeddings.detach().cpu(), "strategy": strategy}
     torch.save(content, path)

@@ -119,20 +119,26 @@ class TrainingCurves:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "training_curves.json").write_text(json.dumps(self.history, indent=4))
-        figure, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+        figure, axes = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
         axes[0].plot(self.history["iteration"], self.history["loss"], color="tab:red")
         axes[0].set_ylabel("training loss")
         validations = self.history["validation"]
-        for name in sorted({key for entry in validations for key in entry} - {"iteration"}):
+        names = sorted({key for entry in validations for key in entry} - {"iteration"})
+        for name in names:
             points = [(v["iteration"], v[name]) for v in validations if np.isfinite(v.get(name, np.nan))]
-            if points:
-                axes[1].plot(*zip(*points), marker="o", label=name)
+            if not points:
+                continue
+            rule = "_rule_" in name  # the trivial rules' Dice on the same cases, for comparison
+            axis = axes[1] if name.endswith("_dice") and name != "val_wrong_reference_dice" else axes[2]
+            axis.plot(*zip(*points), marker="" if rule else "o", linestyle="--" if rule else "-", label=name)
         axes[1].set_ylabel("validation Dice")
-        if validations:
-            axes[1].legend()
-        axes[2].plot(self.history["iteration"], self.history["lr"], color="tab:green")
-        axes[2].set_ylabel("learning rate")
-        axes[2].set_xlabel("iteration")
+        axes[2].set_ylabel("reference following\n(lower is better)")
+        for axis in axes[1:3]:
+            if axis.lines:
+                axis.legend(fontsize="small")
+        axes[3].plot(self.history["iteration"], self.history["lr"], color="tab:green")
+        axes[3].set_ylabel("learning rate")
+        axes[3].set_xlabel("iteration")
         figure.tight_layout()
         figure.savefig(self.output_dir / "training_curves.png", dpi=100)
         plt.close(figure)

@@ -34,29 +34,19 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Attend from ``q`` (B x Nq x C) to ``k``/``v`` (B x Nk x C).
-
-        Args:
-            key_mask: optional B x Nk bool, False for keys that must be ignored (padded classes).
-
-        Returns:
-            B x Nq x C.
-        """
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attend from ``q`` (B x Nq x C) to ``k``/``v`` (B x Nk x C); returns B x Nq x C."""
         q, k, v = (
             self._split_heads(self.q_proj(q)),
             self._split_heads(self.k_proj(k)),
             self._split_heads(self.v_proj(v)),
         )
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # B x 1 x 1 x Nk, broadcast over heads
         q32, k32, v32 = q.float(), k.float(), v.float()
         if torch.jit.is_scripting():  # an exported TorchScript model runs without autocast
-            out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask)
+            out = F.scaled_dot_product_attention(q32, k32, v32)
         else:
             with torch.autocast(q.device.type, enabled=False):  # softmax in fp32 under AMP (tokens are few)
-                out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask)
+                out = F.scaled_dot_product_attention(q32, k32, v32)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)  # B x heads x Nq x C/heads -> B x Nq x C
         return self.out_proj(out)
 

@@ -40,8 +40,8 @@ class IrisNet(nn.Module):
 
     @property
     def token_shape(self) -> tuple[int, int]:
-        """``(m+1, C)``: the shape of one class's task embedding."""
-        return self.task_encoder.num_query_tokens + 1, self.task_encoder.query_tokens.shape[-1]
+        """``(T, C)``: the shape of one class's task embedding (``T = m + 1 +`` one prototype per finer stage)."""
+        return self.task_encoder.num_tokens, self.task_encoder.query_tokens.shape[-1]
 
     def encode_support(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Task embeddings of the K classes shown in S support images, averaged over the shots.
@@ -51,7 +51,7 @@ class IrisNet(nn.Module):
             masks: B x S x K x D x H x W binary masks (class k of shot s).
 
         Returns:
-            B x K x (m+1) x C task embeddings.
+            B x K x T x C task embeddings (see :class:`TaskEncoder`).
         """
         if images.dim() != 6 or masks.dim() != 6 or images.shape[:2] != masks.shape[:2]:
             raise ValueError(
@@ -59,22 +59,32 @@ class IrisNet(nn.Module):
                 f"got {tuple(images.shape)} and {tuple(masks.shape)}."
             )
         b, s = images.shape[:2]
-        features = self.encoder(images.flatten(0, 1))[-1]  # (B*S) x C x d x h x w
-        embeddings = self.task_encoder(features, masks.flatten(0, 1))  # (B*S) x K x T x C
+        images = images.flatten(0, 1)
+        features = self.encoder(images)  # every stage, (B*S) x C_s x ...
+        embeddings = self.task_encoder(features[-1], self.stages(images, features), masks.flatten(0, 1))
         return embeddings.reshape(b, s, *embeddings.shape[1:]).mean(dim=1)  # K-shot context ensemble
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        task_embeddings: torch.Tensor | None = None,
-        class_valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def encode_classes(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Task embeddings of K classes that each have their own S references (patches centred on the class).
+
+        Args:
+            images: B x K x S x in_channels x D x H x W reference patches.
+            masks: B x K x S x 1 x D x H x W binary masks of each patch's class.
+
+        Returns:
+            B x K x T x C task embeddings, each class averaged over its references.
+        """
+        b, k = images.shape[:2]
+        embeddings = self.encode_support(images.flatten(0, 1), masks.flatten(0, 1))  # (B*K) x 1 x T x C
+        return embeddings.reshape(b, k, *embeddings.shape[2:])
+
+    def forward(self, query: torch.Tensor, task_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Segment ``query`` (B x in_channels x D x H x W).
 
         Args:
-            task_embeddings: B x K x (m+1) x C, or 1 x K x (m+1) x C shared by the batch (sliding windows);
-                None uses every class of the memory bank (a plain ``net(x)``).
-            class_valid: B x K bool, False for padded classes of a training episode.
+            task_embeddings: B x K x T x C, or 1 x K x T x C shared by the batch (sliding windows);
+                None uses every class of the memory bank (a plain ``net(x)``). Each class is decoded independently
+                of the others (see :class:`MaskDecoder`).
 
         Returns:
             B x K x D x H x W logits (sigmoid per class; classes may overlap).
@@ -86,7 +96,14 @@ class IrisNet(nn.Module):
         if task_embeddings.shape[0] == 1:
             task_embeddings = task_embeddings.expand(query.shape[0], -1, -1, -1)
         features = self.encoder(query)
-        return self.mask_decoder(features, task_embeddings, class_valid)
+        return self.mask_decoder(features, self.stages(query, features), task_embeddings)
+
+    @staticmethod
+    def stages(image: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The feature maps that class prototypes are pooled from and compared with: every stage but the bottleneck,
+        the full-resolution one with the image intensities as extra channels (instance normalisation removes absolute
+        intensity, which tells many structures apart, from the features)."""
+        return [torch.cat([image.to(features[0].dtype), features[0]], dim=1)] + features[1:-1]
 
 
 def build_iris_net(
@@ -114,12 +131,14 @@ def build_iris_net(
     channels = [base_channels * factor for factor in channel_multipliers]
     embed_dim = channels[-1]
     mlp_dim = 4 * embed_dim
+    task_encoder = TaskEncoder(channels, num_query_tokens, num_heads, mlp_dim)
+    prototype_widths = [in_channels + channels[0], *channels[1:-1]]  # see IrisNet.stages
     memory = None
     if use_memory_bank:
-        memory = MemoryBank(num_query_tokens + 1, embed_dim, memory_momentum, memory_bank_size, memory_classes)
+        memory = MemoryBank(task_encoder.num_tokens, embed_dim, memory_momentum, memory_bank_size, memory_classes)
     return IrisNet(
         encoder=ResidualEncoder(in_channels, channels, blocks_per_stage),
-        task_encoder=TaskEncoder(embed_dim, num_query_tokens, num_heads, mlp_dim),
-        mask_decoder=MaskDecoder(channels, num_query_tokens + 1, num_heads, decoder_depth, mlp_dim),
+        task_encoder=task_encoder,
+        mask_decoder=MaskDecoder(channels, num_query_tokens + 1, num_heads, decoder_depth, mlp_dim, prototype_widths),
         memory_bank=memory,
     )

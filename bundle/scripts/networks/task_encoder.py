@@ -1,6 +1,8 @@
-"""Task encoder: turns support features and a binary mask into the task embedding ``[T_f; T_c]`` of one class."""
+"""Task encoder: turns support features and a binary mask into the task embedding ``[T_f; T_c; P]`` of one class."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +58,28 @@ def foreground_pooling(features: torch.Tensor, masks: torch.Tensor) -> torch.Ten
 
 
 class TaskEncoder(nn.Module):
-    """Foreground token plus ``m`` learnable context tokens per class (IRIS task encoding).
+    """Foreground token, ``m`` learnable context tokens and one foreground prototype per finer encoder stage.
 
-    Context tokens cross-attend to support features fused with the class mask, then self-attend.
+    - ``T_f``: the mask-weighted mean of the bottleneck features as if upsampled to the mask's resolution (IRIS's
+      foreground encoding, computed with :func:`foreground_pooling`).
+    - ``T_c``: context tokens that cross-attend to support features fused with the class mask, then self-attend.
+    - ``P_s``: the same mask-weighted mean of the features of every finer encoder stage ``s`` (an extension of IRIS's
+      foreground encoding to every scale; at full resolution the image intensities are a feature too, since instance
+      normalisation removes absolute intensity from the features), zero-padded to the token width. The mask decoder
+      scores each query voxel by its similarity to them, a prototype match that works for new classes too.
 
     Args:
-        embed_dim: bottleneck width ``C``.
+        encoder_channels: channels of every encoder stage, finest first; the last is the token width ``C``.
         num_query_tokens: number of context tokens ``m``.
         num_heads: attention heads.
         mlp_dim: hidden width of the feed-forward block.
     """
 
-    def __init__(self, embed_dim: int, num_query_tokens: int, num_heads: int, mlp_dim: int) -> None:
+    def __init__(self, encoder_channels: Sequence[int], num_query_tokens: int, num_heads: int, mlp_dim: int) -> None:
         super().__init__()
+        embed_dim = encoder_channels[-1]
         self.num_query_tokens = num_query_tokens
+        self.num_prototypes = len(encoder_channels) - 1
         self.query_tokens = nn.Parameter(0.02 * torch.randn(num_query_tokens, embed_dim))
         self.mask_fusion = nn.Linear(embed_dim + 1, embed_dim)
         self.position = FourierPositionEncoding(embed_dim)
@@ -80,30 +90,41 @@ class TaskEncoder(nn.Module):
         self.mlp = MLPBlock(embed_dim, mlp_dim)
         self.norm3 = nn.LayerNorm(embed_dim)
 
-    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per class: ``1 + m`` attention tokens and one prototype per finer stage."""
+        return 1 + self.num_query_tokens + self.num_prototypes
+
+    def forward(self, bottleneck: torch.Tensor, stages: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
         """Encode every class of every support image.
 
         Args:
-            features: N x C x d x h x w support bottleneck features.
+            bottleneck: N x C x d x h x w support bottleneck features.
+            stages: the S - 1 finer feature maps that prototypes are pooled from (see :meth:`IrisNet.stages`).
             masks: N x K x D x H x W binary support masks at input resolution.
 
         Returns:
-            N x K x (m+1) x C task embeddings, foreground token first.
+            N x K x (1 + m + S - 1) x C task embeddings: ``T_f``, the ``m`` context tokens, then the prototypes of
+            the finer stages (stage ``s`` in its first channels).
         """
-        n, c = features.shape[:2]
+        n, c = bottleneck.shape[:2]
         k = masks.shape[1]
-        foreground = foreground_pooling(features, masks)  # N x K x C
+        foreground = foreground_pooling(bottleneck, masks)  # N x K x C
 
-        low_masks = F.adaptive_avg_pool3d(masks.to(features.dtype), features.shape[2:])  # N x K x d x h x w
-        tokens = features.flatten(2).transpose(1, 2)  # N x L x C, L = d*h*w
+        low_masks = F.adaptive_avg_pool3d(masks.to(bottleneck.dtype), bottleneck.shape[2:])  # N x K x d x h x w
+        tokens = bottleneck.flatten(2).transpose(1, 2)  # N x L x C, L = d*h*w
         tokens = tokens.unsqueeze(1).expand(n, k, -1, -1)  # N x K x L x C
         fused = self.mask_fusion(torch.cat([tokens, low_masks.flatten(2).unsqueeze(-1)], dim=-1))
         fused = fused.flatten(0, 1)  # (N*K) x L x C
-        keys = fused + self.position(list(features.shape[2:])).to(fused.dtype)
+        keys = fused + self.position(list(bottleneck.shape[2:])).to(fused.dtype)
 
         queries = self.query_tokens.to(fused.dtype).expand(n * k, -1, -1)  # (N*K) x m x C
         queries = self.norm1(queries + self.cross_attn(queries, keys, fused))
         queries = self.norm2(queries + self.self_attn(queries, queries, queries))
         queries = self.norm3(queries + self.mlp(queries))
         context = queries.reshape(n, k, self.num_query_tokens, c)  # N x K x m x C
-        return torch.cat([foreground.unsqueeze(2).to(context.dtype), context], dim=2)
+        parts = [foreground.unsqueeze(2).to(context.dtype), context]
+        for stage in stages:  # N x K x 1 x C each, zero-padded from the stage's width
+            prototype = F.pad(foreground_pooling(stage, masks), (0, c - stage.shape[1]))
+            parts.append(prototype.unsqueeze(2).to(context.dtype))
+        return torch.cat(parts, dim=2)

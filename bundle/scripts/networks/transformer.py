@@ -1,4 +1,8 @@
-"""Two-way transformer between query image features and task tokens (segment-anything's design, in 3D)."""
+"""Two-way transformer between query image features and one class's task tokens (segment-anything's design, in 3D).
+
+The mask decoder runs it once per class (classes folded into the batch), so a class's tokens and the image features
+they update never meet another class: a class's result does not depend on which other classes are decoded with it.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,6 @@ from .attention import Attention, MLPBlock
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, tokens -> image, MLP, image -> tokens; each step ``x = norm(x + attn(...))``.
-
-    Token self-attention runs within each class, so a class's tokens never read another class's tokens; the image
-    features read all valid tokens, which is what lets every class come out of one decoder pass.
 
     Args:
         embed_dim: token width ``C``.
@@ -34,34 +35,20 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_pe = skip_first_pe
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        image: torch.Tensor,
-        token_pe: torch.Tensor,
-        image_pe: torch.Tensor,
-        token_mask: torch.Tensor | None,
+        self, tokens: torch.Tensor, image: torch.Tensor, token_pe: torch.Tensor, image_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update tokens (B x K x T x C) and image features (B x L x C); ``token_mask`` is B x K bool or None."""
-        b, k, t, c = tokens.shape
-        # (1) self-attention among the T tokens of each class: B x K x T x C -> (B*K) x T x C
-        flat = tokens.reshape(b * k, t, c)
-        query = flat if self.skip_first_pe else flat + token_pe.reshape(b * k, t, c)
-        attended = self.self_attn(query, query, flat)
-        flat = attended if self.skip_first_pe else flat + attended
-        flat = self.norm1(flat)
-
+        """Update tokens (N x T x C) and image features (N x L x C), N = batch x classes."""
+        # (1) self-attention among the T tokens of the class
+        query = tokens if self.skip_first_pe else tokens + token_pe
+        attended = self.self_attn(query, query, tokens)
+        tokens = self.norm1(attended if self.skip_first_pe else tokens + attended)
         # (2) tokens -> image: every token reads the query image
-        tokens = flat.reshape(b, k * t, c)  # B x (K*T) x C
-        pe = token_pe.reshape(b, k * t, c)
-        tokens = self.norm2(tokens + self.cross_attn_token_to_image(tokens + pe, image + image_pe, image))
-
+        tokens = self.norm2(tokens + self.cross_attn_token_to_image(tokens + token_pe, image + image_pe, image))
         # (3) token MLP
         tokens = self.norm3(tokens + self.mlp(tokens))
-
-        # (4) image -> tokens: the image reads the tokens of every valid class
-        key_mask = None if token_mask is None else token_mask.repeat_interleave(t, dim=1)  # B x (K*T)
-        image = self.norm4(image + self.cross_attn_image_to_token(image + image_pe, tokens + pe, tokens, key_mask))
-        return tokens.reshape(b, k, t, c), image
+        # (4) image -> tokens: the image reads the class's tokens
+        image = self.norm4(image + self.cross_attn_image_to_token(image + image_pe, tokens + token_pe, tokens))
+        return tokens, image
 
 
 class TwoWayTransformer(nn.Module):
@@ -76,29 +63,20 @@ class TwoWayTransformer(nn.Module):
         self.norm_final = nn.LayerNorm(embed_dim)
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        image: torch.Tensor,
-        token_pe: torch.Tensor,
-        image_pe: torch.Tensor,
-        token_mask: torch.Tensor | None = None,
+        self, tokens: torch.Tensor, image: torch.Tensor, token_pe: torch.Tensor, image_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the stack.
 
         Args:
-            tokens: B x K x T x C task tokens.
-            image: B x L x C flattened query bottleneck features.
-            token_pe: B x K x T x C token positional (role) encodings.
-            image_pe: L x C (or B x L x C) image positional encodings.
-            token_mask: B x K bool, False for padded classes; None when every class is real.
+            tokens: N x T x C task tokens of one class each.
+            image: N x L x C flattened query bottleneck features.
+            token_pe: T x C (or N x T x C) token positional (role) encodings.
+            image_pe: L x C (or N x L x C) image positional encodings.
 
         Returns:
-            Updated tokens (B x K x T x C) and image features (B x L x C).
+            Updated tokens (N x T x C) and image features (N x L x C).
         """
         for layer in self.layers:
-            tokens, image = layer(tokens, image, token_pe, image_pe, token_mask)
-        b, k, t, c = tokens.shape
-        flat = tokens.reshape(b, k * t, c)
-        pe = token_pe.reshape(b, k * t, c)
-        flat = self.norm_final(flat + self.final_attn_token_to_image(flat + pe, image + image_pe, image))
-        return flat.reshape(b, k, t, c), image
+            tokens, image = layer(tokens, image, token_pe, image_pe)
+        tokens = self.norm_final(tokens + self.final_attn_token_to_image(tokens + token_pe, image + image_pe, image))
+        return tokens, image
