@@ -137,9 +137,16 @@ def episode_batches(pool: DatasetPool, setting: Setting, count: int) -> list[dic
 
 
 def as_plain_batch(episode: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same patches (supports + queries, ``B*(S+1)`` of them) as a plain supervised ``image``/``label`` batch."""
-    images = torch.cat([episode["support_image"].flatten(0, 1), episode["query_image"]])
-    labels = torch.cat([episode["support_mask"].flatten(0, 1), episode["query_mask"]])
+    """The same patches (supports + queries, ``B*(K*S+1)`` of them) as a plain supervised ``image``/``label`` batch.
+
+    A reference patch of class k is labelled in channel k only (its other classes are unknown to the episode).
+    """
+    support_image, support_mask = episode["support_image"], episode["support_mask"]  # B x K x S x 1 x P
+    num_classes = support_mask.shape[1]
+    one_hot = torch.eye(num_classes, dtype=support_mask.dtype).view(1, num_classes, 1, num_classes, *[1] * 3)
+    support_labels = support_mask * one_hot  # B x K x S x K x P
+    images = torch.cat([support_image.flatten(0, 2), episode["query_image"]])
+    labels = torch.cat([support_labels.flatten(0, 2), episode["query_mask"]])
     return {"image": images, "label": labels.float()}
 
 

@@ -18,6 +18,7 @@ from monai.utils import path_to_sqlite_uri
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from scripts.demo_data import HELD_OUT_LABELS
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,20 +73,25 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "Final 1-shot validation Dice after 4 iterations" in result.stdout + result.stderr
+    logs = result.stdout + result.stderr
+    reference_following = ["val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "val_absent_class_fp"]
+    final_line = next(line for line in logs.splitlines() if "Final 1-shot validation after 4 iterations" in line)
+    assert all(name in final_line for name in [*reference_following, "k_independence"])
+    assert "Trivial rules on the same cases: intensity_rule_held_out_dice" in logs
 
     report = json.loads((output_dir / "validation_report.json").read_text())
     assert report["iteration"] == 4
-    assert set(report["mean"]) == {"val_seen_dice", "val_held_out_dice"}
+    controls = {f"{rule}_rule_{group}_dice" for rule in ("intensity", "position") for group in ("seen", "held_out")}
+    assert set(report["mean"]) == {*reference_following, "k_independence", *controls}
     held_out = report["per_class"]["val_held_out_dice"]
-    assert held_out and all(name.split("/")[1] in {"torus", "multi_blob", "branching_tube"} for name in held_out)
+    assert held_out and all(name.split("/")[1] in HELD_OUT_LABELS for name in held_out)
     assert not set(report["per_class"]["val_seen_dice"]) & set(held_out)
 
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     net = build_iris_net(base_channels=4, num_query_tokens=8, num_heads=4, channel_multipliers=(1, 2, 4, 8))
     net.load_state_dict(state)
     assert net.memory_bank.class_names and all(n.startswith("IrisDemo/") for n in net.memory_bank.class_names)
-    assert not set(net.memory_bank.class_names) & {"IrisDemo/torus", "IrisDemo/multi_blob", "IrisDemo/branching_tube"}
+    assert not set(net.memory_bank.class_names) & {f"IrisDemo/{name}" for name in HELD_OUT_LABELS}
 
     curves = json.loads((output_dir / "training_curves.json").read_text())
     assert curves["iteration"] == [2, 4] and all(np.isfinite(curves["loss"])) and len(curves["lr"]) == 2
@@ -95,7 +101,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     events = EventAccumulator(str(output_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert {"val_overlay/0", "val_overlay/1"} <= set(events.Tags()["images"])
-    assert {"train_loss", "learning_rate", "val_seen_dice"} <= set(events.Tags()["scalars"])
+    assert {"train_loss", "learning_rate", *reference_following} <= set(events.Tags()["scalars"])
 
     tracking = mlflow.tracking.MlflowClient(path_to_sqlite_uri(str(output_dir / "mlruns.db")))
     runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
