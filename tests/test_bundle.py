@@ -24,7 +24,8 @@ from scripts.networks import build_iris_net
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "meta_schema_20240725.json"  # copy of ../shared/schemas
-TINY = ["--base_channels", "4", "--num_heads", "4", "--patch_size", "[32,32,32]", "--batch_size", "2"]
+TINY = ["--base_channels", "4", "--num_heads", "4", "--channel_multipliers", "[1,2,4,8]", "--patch_size", "[32,32,32]"]
+TINY += ["--batch_size", "2"]
 
 
 def _workflow(*config_files: str, workflow_type: str = "train", **overrides) -> ConfigWorkflow:
@@ -77,7 +78,12 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     reference_following = ["val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "val_absent_class_fp"]
     final_line = next(line for line in logs.splitlines() if "Final 1-shot validation after 4 iterations" in line)
     assert all(name in final_line for name in [*reference_following, "k_independence"])
-    assert "Trivial rules on the same cases: intensity_rule_held_out_dice" in logs
+    rules_line = next(line for line in logs.splitlines() if "Trivial rules on the same cases:" in line)
+    assert all(
+        f"{rule}_rule_{group}_dice" in rules_line
+        for rule in ("intensity", "position")
+        for group in ("seen", "held_out")
+    )
 
     report = json.loads((output_dir / "validation_report.json").read_text())
     assert report["iteration"] == 4

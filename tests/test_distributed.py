@@ -12,7 +12,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/multi_gpu_train.json']"
-TINY = ["--base_channels", "4", "--num_heads", "4", "--patch_size", "[32,32,32]", "--batch_size", "2"]
+TINY = ["--base_channels", "4", "--num_heads", "4", "--channel_multipliers", "[1,2,4,8]", "--patch_size", "[32,32,32]"]
+TINY += ["--batch_size", "2"]
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(demo_dataset: Path, tmp_path: Path) -> None:
@@ -56,6 +57,7 @@ def test_two_process_k_shot_evaluation_matches_one_process(demo_dataset: Path, t
         "-m", "monai.bundle", "run", "evaluating", "--bundle_root", "bundle", "--dataset_dir", str(demo_dataset.parent),
         "--ckpt_path", str(checkpoint), "--eval_shots", "[1]", "--eval_draws", "1",
         "--eval_strategies", "['one_shot','ensemble']", "--base_channels", "4", "--num_heads", "4",
+        "--channel_multipliers", "[1,2,4,8]",
     ]  # fmt: skip
     single = [sys.executable, *common, "--config_file", f"[{evaluate}]", "--output_dir", str(tmp_path / "one")]
     multi = [
@@ -69,11 +71,16 @@ def test_two_process_k_shot_evaluation_matches_one_process(demo_dataset: Path, t
         assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    for group in one:
+    assert one.keys() == two.keys()
+    for group in ("seen", "held_out"):
         for strategy in one[group]:
             expected, actual = one[group][strategy]["1"], two[group][strategy]["1"]
             assert expected["per_class"].keys() == actual["per_class"].keys()
             assert abs(expected["mean"]["dice"] - actual["mean"]["dice"]) < 1e-4
+    for strategy, by_k in one["reference_following"].items():
+        for name, value in by_k["1"].items():
+            assert abs(value - two["reference_following"][strategy]["1"][name]) < 1e-4, (strategy, name)
+    assert abs(one["k_independence"] - two["k_independence"]) < 1e-4
 
 
 def test_memory_bank_survives_resume_under_ddp(demo_dataset: Path, tmp_path: Path) -> None:

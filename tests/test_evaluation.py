@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.demo_data import HELD_OUT_LABELS
+from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 8, "channel_mult
 def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_iris_net(**SIZE)
-    seen = ["IrisDemo/fluid_smooth", "IrisDemo/soft_smooth", "IrisDemo/soft_rim", "IrisDemo/dense_smooth"]
+    seen = [f"IrisDemo/{name}" for name in CLASS_NAMES if name not in HELD_OUT_LABELS][:4]
     net.memory_bank.update(seen, torch.randn(len(seen), *net.token_shape))
     checkpoint = tmp_path / "model.pt"
     torch.save(net.state_dict(), checkpoint)
@@ -31,7 +31,7 @@ def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Pa
         "--config_file", "['bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/evaluate.json']",
         "--bundle_root", "bundle", "--dataset_dir", str(demo_dataset.parent), "--ckpt_path", str(checkpoint),
         "--output_dir", str(tmp_path / "eval"), "--eval_shots", "[1,2]", "--eval_draws", "2", "--tuning_steps", "2",
-        "--base_channels", "4", "--num_heads", "4", "--eval_split", "test",
+        "--base_channels", "4", "--num_heads", "4", "--channel_multipliers", "[1,2,4,8]", "--eval_split", "test",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -40,8 +40,8 @@ def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Pa
     assert set(metrics) == {"seen", "held_out", "reference_following", "k_independence", "controls"}
     assert set(metrics["held_out"]) == {"one_shot", "ensemble", "retrieval", "tuning"}  # no memory for unseen
     assert set(metrics["seen"]) == {"one_shot", "ensemble", "retrieval", "tuning", "memory"}
-    for group, strategies in metrics.items():
-        for strategy, by_k in strategies.items():
+    for group in ("seen", "held_out"):
+        for strategy, by_k in metrics[group].items():
             assert set(by_k) == {"1", "2"}
             for entry in by_k.values():
                 assert 0.0 <= entry["mean"]["dice"] <= 1.0 and entry["mean"]["dice_std"] >= 0.0

@@ -13,7 +13,7 @@ INTENSITY = (1.0, -1.0)  # the two object kinds differ only in intensity; both a
 
 
 def _volumes(generator: torch.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` noisy volumes (count x 1 x S³), each with one cube of each kind at random places: masks count x 2 x S³."""
+    """``count`` volumes (count x 1 x S³), one cube of each kind at random places in each; masks count x 2 x S³."""
     images = 0.3 * torch.randn(count, 1, SIZE, SIZE, SIZE, generator=generator)
     masks = torch.zeros(count, 2, SIZE, SIZE, SIZE)
     for index in range(count):

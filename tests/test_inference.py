@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny network with two memory-bank classes, saved as the bundle saves ``model.pt``."""
     torch.manual_seed(0)
     net = build_iris_net(**SIZE)
-    net.memory_bank.update(["IrisDemo/sphere", "IrisDemo/box"], torch.randn(2, 4, 32))
+    net.memory_bank.update(["IrisDemo/sphere", "IrisDemo/box"], torch.randn(2, *net.memory_bank.embeddings.shape[1:]))
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     torch.save(net.state_dict(), path)
     return path
@@ -130,7 +130,9 @@ def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, d
         )
     finally:
         torch.nn.Module.__call__ = original
-    assert calls == [2 * 2]  # one batched encoding of 2 references x 2 classes, none per window or query
+    labels = [np.asarray(nib.load(path).dataobj) for path in demo["support_labels"]]
+    pairs = sum(int((label == value).any()) for label in labels for value in CLASSES.values())
+    assert pairs >= 3 and calls == [pairs]  # one batched encoding of every (reference, class) pair, none per window
 
 
 def test_embeddings_file_round_trip(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
@@ -146,7 +148,7 @@ def test_embeddings_file_round_trip(checkpoint: Path, demo: dict, tmp_path: Path
         **support,
     )
     content = torch.load(embeddings, weights_only=True)
-    assert content["classes"] == CLASSES and content["embeddings"].shape == (1, 2, 4, 32)
+    assert content["classes"] == CLASSES and content["embeddings"].shape == (1, 2, *build_iris_net(**SIZE).token_shape)
     run_inference(
         checkpoint,
         tmp_path / "b",
@@ -215,7 +217,7 @@ def test_stitching_options_keep_the_result(options: dict) -> None:
     """CPU stitching gives the same logits; a float16 buffer the same logits up to rounding and the same label map."""
     torch.manual_seed(0)
     net = build_iris_net(**SIZE).eval()
-    volume, embeddings = torch.randn(1, 1, 40, 36, 24), torch.randn(1, 2, 4, 32)
+    volume, embeddings = torch.randn(1, 1, 40, 36, 24), torch.randn(1, 2, *net.token_shape)
     logits = []
     for kwargs in ({}, options):
         inferer = InContextInferer((16, 16, 16), sw_batch_size=2, **kwargs)

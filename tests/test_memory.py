@@ -48,8 +48,8 @@ def test_unknown_class_and_empty_bank_raise() -> None:
 def test_bank_survives_save_and_weights_only_load(tmp_path) -> None:
     torch.manual_seed(0)
     net = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4, memory_bank_size=3)
-    net.memory_bank.update(["ds/a", "ds/b"], torch.randn(2, 3, 40))
-    net.memory_bank.update(["ds/c"], torch.randn(1, 3, 40))
+    net.memory_bank.update(["ds/a", "ds/b"], torch.randn(2, *net.memory_bank.embeddings.shape[1:]))
+    net.memory_bank.update(["ds/c"], torch.randn(1, *net.memory_bank.embeddings.shape[1:]))
     path = tmp_path / "model.pt"
     torch.save(net.state_dict(), path)
 
@@ -78,7 +78,7 @@ def test_reserved_classes_give_the_query_only_forward_its_channels(tmp_path) -> 
     assert fresh(torch.rand(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
 
     trained = build_iris_net(**kwargs)
-    trained.memory_bank.update(["y/a", "y/b", "y/c"], torch.randn(3, 3, 16))
+    trained.memory_bank.update(["y/a", "y/b", "y/c"], torch.randn(3, *trained.memory_bank.embeddings.shape[1:]))
     torch.save(trained.state_dict(), tmp_path / "model.pt")
     fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert fresh.memory_bank.class_names == ["y/a", "y/b", "y/c"]

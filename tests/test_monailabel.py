@@ -52,7 +52,7 @@ def workspace(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
     torch.manual_seed(0)
     net = build_iris_net(**SIZE)
-    net.memory_bank.update(BANK, torch.randn(2, 4, 32))
+    net.memory_bank.update(BANK, torch.randn(2, *net.memory_bank.embeddings.shape[1:]))
     checkpoint = root / "model.pt"
     torch.save(net.state_dict(), checkpoint)
     return {"root": root, "studies": studies, "annotation": annotation, "names": names, "checkpoint": checkpoint}

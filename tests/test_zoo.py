@@ -66,7 +66,7 @@ def test_verify_net_in_out_on_the_query_only_forward() -> None:
 def test_ckpt_export_to_torchscript_matches_the_eager_network(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_iris_net(**TINY)
-    net.memory_bank.update(["ds/b", "ds/a", "ds/c"], torch.randn(3, 4, 32))
+    net.memory_bank.update(["ds/b", "ds/a", "ds/c"], torch.randn(3, *net.memory_bank.embeddings.shape[1:]))
     ckpt, exported = tmp_path / "model.pt", tmp_path / "model.ts"
     torch.save(net.state_dict(), ckpt)
     monai_bundle(

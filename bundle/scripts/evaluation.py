@@ -17,9 +17,8 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
