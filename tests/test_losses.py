@@ -194,6 +194,8 @@ def test_invalid_arguments_raise(factory, message: str) -> None:
 def test_build_loss() -> None:
     assert isinstance(build_loss("dice_bce"), DiceBCELoss)
     assert isinstance(build_loss("dice_focal"), DiceFocalLoss)
+    assert build_loss("dice_bce", empty_fraction=0.05).empty_fraction == 0.05  # the config's empty_target_smoothing
+    assert build_loss("dice_focal", empty_fraction=0.0).empty_fraction == 0.0
     focal = build_loss("focal", alpha=0.4, gamma=1.0, class_weights=[1.0, 2.0, 3.0])
     assert isinstance(focal, FocalLoss) and focal.class_weights == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="dice_bce.*dice_focal.*focal"):

@@ -235,11 +235,12 @@ class DiceFocalLoss(EpisodicLoss):
 LOSSES: dict[str, type[EpisodicLoss]] = {"dice_bce": DiceBCELoss, "focal": FocalLoss, "dice_focal": DiceFocalLoss}
 
 
-def build_loss(name: str, **options: Any) -> nn.Module:
+def build_loss(name: str, empty_fraction: float = 0.01, **options: Any) -> nn.Module:
     """Builds a loss by the name used in the bundle configs.
 
     Args:
         name: one of ``"dice_bce"``, ``"focal"``, ``"dice_focal"``.
+        empty_fraction: Dice smoothing of empty targets for the losses with a Dice term (``focal`` has none).
         options: keyword arguments of the chosen class.
 
     Returns:
@@ -250,4 +251,6 @@ def build_loss(name: str, **options: Any) -> nn.Module:
     """
     if name not in LOSSES:
         raise ValueError(f"Unknown loss {name!r}; valid names are {sorted(LOSSES)}.")
+    if name != "focal":
+        options["empty_fraction"] = empty_fraction
     return LOSSES[name](**options)
