@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from torch import nn
 
 from .controls import CONTROLS, control_dice
 from .distributed import gather_objects, is_main_process, rank, world_size
 from .inferers import InContextInferer
-from .metrics import k_dice_change, wrong_reference_dice
+from .metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
 from .pool import DatasetPool, Subject
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import Reference
@@ -55,10 +55,6 @@ class Records:
             for key, values in getattr(other, name).items():
                 getattr(self, name)[key].extend(values)
         self.k_changes.extend(other.k_changes)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
 
 
 class KShotEvaluation:
@@ -133,9 +129,9 @@ class KShotEvaluation:
 
     @torch.no_grad()
     def _score(
-        self, subject: Subject, logits: torch.Tensor, values: Sequence[int], names: Sequence[str]
+        self, subject: Subject, label: torch.Tensor, logits: torch.Tensor, values: Sequence[int], names: Sequence[str]
     ) -> tuple[dict[str, dict[str, float]], list[float], list[float]]:
-        """Scores of one subject segmented for ``values`` (logits K x D x H x W).
+        """Scores of one subject (its ``label`` 1 x D x H x W) segmented for ``values`` (logits K x D x H x W).
 
         Returns:
             Dice, HD95 and NSD of each class the subject holds (by name; the subject's spacing is the resampled one),
@@ -143,27 +139,26 @@ class KShotEvaluation:
             it does not hold as a fraction of that class's mean volume.
         """
         pred = logits > 0
-        label = subject.label[0]
-        truth = torch.stack([label == v for v in values])
         held = [i for i, v in enumerate(values) if v in subject.classes]
         absent = [
-            float(pred[i].sum()) / max(self.mean_voxels.get(names[i], 1.0), 1.0)
+            absent_fraction(float(pred[i].sum()), names[i], self.mean_voxels)
             for i, v in enumerate(values)
             if v not in subject.classes
         ]
         if not held:
             return {}, [], absent
-        p, t, spacing = pred[held][None].float(), truth[held][None].float(), subject.spacing
-        dice = compute_dice(p, t, include_background=True, ignore_empty=False)[0]
+        held_pred = pred[held]
+        truth = torch.stack([label[0] == values[i] for i in held])
+        matrix = wrong_reference_dice(held_pred, truth)  # its diagonal is each class's Dice
+        p, t, spacing = held_pred[None].float(), truth[None].float(), subject.spacing
+        dice = matrix.diagonal()
         hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)[0]
         nsd = compute_surface_dice(p, t, [self.nsd_tolerance_mm] * len(held), include_background=True, spacing=spacing)
         scores = {
             names[i]: {"dice": float(d), "hd95": float(h), "nsd": float(n)}
             for i, d, h, n in zip(held, dice, hd95, nsd[0])
         }
-        matrix = wrong_reference_dice(pred[held], truth[held])
-        wrong = matrix[~torch.eye(len(held), dtype=torch.bool)].tolist()
-        return scores, wrong, absent
+        return scores, off_diagonal(matrix).tolist(), absent
 
     def run(self) -> dict:
         if self.ckpt_path:
@@ -210,10 +205,11 @@ class KShotEvaluation:
                 for subject in subjects:  # each rank scores its share of the subjects
                     if not any(values[i] in subject.classes for i in columns):
                         continue
+                    image, label = subject.volumes()  # one read of the cache for both
                     with torch.no_grad():
-                        logits = self.inferer(subject.image[None].to(self._device), self.network)[0].cpu()
+                        logits = self.inferer(image[None].to(self._device), self.network)[0].cpu()
                     scores, wrong, absent = self._score(
-                        subject, logits, [values[i] for i in columns], [names[i] for i in columns]
+                        subject, label, logits, [values[i] for i in columns], [names[i] for i in columns]
                     )
                     for name, result in scores.items():
                         records.classes[(strategy, k, name, draw)].append(result)
@@ -234,13 +230,14 @@ class KShotEvaluation:
         ``k_independence_cases`` subjects, with the one-shot ``embeddings`` (1 x K x T x C)."""
         first = [[volume[0].numpy() for volume in refs[0].subject.volumes()] for refs in references]
         for index, subject in enumerate(subjects):
-            image, label = (volume[0].numpy() for volume in subject.volumes())
+            volumes = subject.volumes()
+            image, label = (volume[0].numpy() for volume in volumes)
             for name, row in zip(names, control_dice(image, label, first, values)):
                 if not np.isnan(row).any():
                     records.controls[name].append(row.tolist())
             if index < self.k_independence_cases:
                 truth = torch.stack([torch.as_tensor(label == v) for v in values])[None].to(self._device)
-                query = subject.image[None].to(self._device)
+                query = volumes[0][None].to(self._device)
                 change = k_dice_change(self.network, query, truth, embeddings, self.patch_size)
                 records.k_changes.extend(change[~change.isnan()].tolist())
 
@@ -269,8 +266,8 @@ class KShotEvaluation:
         results["reference_following"] = {
             strategy: {
                 str(k): {
-                    "wrong_reference_dice": _mean(records.wrong_reference[(strategy, k)]),
-                    "absent_class_fp": _mean(records.absent_fp[(strategy, k)]),
+                    "wrong_reference_dice": mean_or_nan(records.wrong_reference[(strategy, k)]),
+                    "absent_class_fp": mean_or_nan(records.absent_fp[(strategy, k)]),
                 }
                 for k in self.shots
             }
@@ -279,7 +276,7 @@ class KShotEvaluation:
         results["k_independence"] = max(records.k_changes) if records.k_changes else float("nan")
         results["controls"] = {
             group: {
-                rule: _mean(
+                rule: mean_or_nan(
                     [
                         np.mean([row[c] for row in rows])
                         for name, rows in records.controls.items()

@@ -153,11 +153,10 @@ class DiceBCELoss(EpisodicLoss):
         empty_fraction: float = 0.01,
     ) -> None:
         super().__init__(class_weights)
-        _check_non_negative(dice_weight=dice_weight, bce_weight=bce_weight)
+        _check_non_negative(dice_weight=dice_weight, bce_weight=bce_weight, empty_fraction=empty_fraction)
         self.dice_weight = float(dice_weight)
         self.bce_weight = float(bce_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
-        _check_non_negative(empty_fraction=empty_fraction)
         self.empty_fraction = float(empty_fraction)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -218,11 +217,10 @@ class DiceFocalLoss(EpisodicLoss):
         empty_fraction: float = 0.01,
     ) -> None:
         super().__init__(class_weights)
-        _check_non_negative(dice_weight=dice_weight, focal_weight=focal_weight)
+        _check_non_negative(dice_weight=dice_weight, focal_weight=focal_weight, empty_fraction=empty_fraction)
         self.dice_weight = float(dice_weight)
         self.focal_weight = float(focal_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
-        _check_non_negative(empty_fraction=empty_fraction)
         self.empty_fraction = float(empty_fraction)
         self.focal = FocalLoss(alpha=alpha, gamma=gamma)
 

@@ -132,6 +132,20 @@ def wrong_reference_dice(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tenso
     return torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.ones_like(total))
 
 
+def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The entries of a square matrix off its diagonal: the wrong-reference pairs of :func:`wrong_reference_dice`."""
+    return matrix[~torch.eye(len(matrix), dtype=torch.bool, device=matrix.device)]
+
+
+def absent_fraction(predicted_voxels: float, name: str, mean_voxels: Mapping[str, float]) -> float:
+    """Voxels predicted for an absent class as a fraction of that class's mean volume (at least one voxel)."""
+    return predicted_voxels / max(mean_voxels.get(name, 1.0), 1.0)
+
+
+def mean_or_nan(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
 class WrongReferenceDice(EvaluatorMetric):
     """Mean Dice against class A's truth of the prediction made with class B's reference, over ordered pairs A != B
     of classes that the same query holds. Near 0 when the model follows its reference."""
@@ -146,13 +160,10 @@ class WrongReferenceDice(EvaluatorMetric):
             rows = present.nonzero().flatten()
             if len(rows) < 2:
                 continue
-            matrix = wrong_reference_dice(pred[rows] > 0, label[rows] > 0)
-            off_diagonal = ~torch.eye(len(rows), dtype=torch.bool, device=matrix.device)
-            self._values.extend(matrix[off_diagonal].tolist())
+            self._values.extend(off_diagonal(wrong_reference_dice(pred[rows] > 0, label[rows] > 0)).tolist())
 
     def compute(self) -> float:
-        values = _gathered(self._values)
-        return float(np.mean(values)) if values else float("nan")
+        return mean_or_nan(_gathered(self._values))
 
 
 class AbsentClassFalsePositives(EvaluatorMetric):
@@ -178,12 +189,10 @@ class AbsentClassFalsePositives(EvaluatorMetric):
         for pred, ids, present in zip(output["pred"], output["class_ids"], output["class_present"]):
             for k in (~present & (ids >= 0)).nonzero().flatten().tolist():
                 name = self.class_names[int(ids[k])]
-                predicted = float((pred[k] > 0).sum())
-                self._values.append(predicted / max(self.mean_voxels.get(name, 1.0), 1.0))
+                self._values.append(absent_fraction(float((pred[k] > 0).sum()), name, self.mean_voxels))
 
     def compute(self) -> float:
-        values = _gathered(self._values)
-        return float(np.mean(values)) if values else float("nan")
+        return mean_or_nan(_gathered(self._values))
 
 
 @torch.no_grad()
