@@ -10,14 +10,16 @@ Every other bundle id can be given too (``--patch_size "[32,32,32]"``, ``--base_
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import fire
 import numpy as np
 from monai.bundle import run
-from monai.transforms import LoadImage
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+sys.path.insert(0, str(BUNDLE))
+from scripts.image_io import LoadImagesd  # noqa: E402
 
 
 def _pairs(support: str | list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -54,7 +56,7 @@ def segment(
     """
     images, labels = _pairs(support) if support else ([], [])
     if classes is None and labels:
-        values = np.unique(np.asarray(LoadImage(image_only=True)(labels[0])))
+        values = np.unique(np.asarray(LoadImagesd("label")({"label": labels[0]})["label"]))
         classes = {f"label_{int(v)}": int(v) for v in values if v != 0}
     run(
         config_file=str(BUNDLE / "configs" / "inference.json"),

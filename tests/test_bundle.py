@@ -19,6 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.demo_data import HELD_OUT_LABELS
+from scripts.model_settings import bundle_version, read_model_settings
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,5 +117,32 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     periodic = sorted(ckpt_dir.glob("checkpoint*.pt"))
     assert periodic, list(ckpt_dir.iterdir())
     checkpoint = torch.load(periodic[-1], weights_only=True)
-    assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "best_model"} <= set(checkpoint)
     assert checkpoint["trainer"]["iteration"] in (2, 4)
+
+    # the model describes itself, and the next commands need no size flags
+    settings = read_model_settings(ckpt_dir / "model.pt")
+    assert settings["base_channels"] == 4 and settings["channel_multipliers"] == [1, 2, 4, 8]
+    assert settings["patch_size"] == [32, 32, 32] and settings["target_spacing"] is None
+    assert settings["modality"] == "CT" and settings["bundle_version"] == bundle_version()
+    assert sorted(settings["datasets"]["IrisDemo"]["held_out"]) == sorted(HELD_OUT_LABELS)
+    assert settings["selection"]["metric"] == "val_seen_dice" and settings["selection"]["iteration"] in (2, 4)
+    assert read_model_settings(periodic[-1])["base_channels"] == 4  # training checkpoints too
+    query = json.loads(demo_dataset.read_text())["validation"][0]["image"]
+    monai_bundle = [sys.executable, "-m", "monai.bundle"]
+    infer = [*monai_bundle, "run", "--config_file", "bundle/configs/inference.json", "--bundle_root", "bundle"]
+    infer += ["--ckpt_path", str(ckpt_dir / "model.pt"), "--output_dir", str(tmp_path / "seg")]
+    infer += ["--query_images", json.dumps([str(demo_dataset.parent / query)])]
+    result = subprocess.run(infer, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list((tmp_path / "seg").glob("*_seg.nii.gz"))) == 1
+    assert "nvImageCodec" not in result.stdout + result.stderr
+    export = [*monai_bundle, "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts")]
+    export += ["--ckpt_file", str(ckpt_dir / "model.pt"), "--config_file", "configs/inference.json"]
+    export += ["--meta_file", "configs/metadata.json", "--bundle_root", ".", "--ckpt_path", str(ckpt_dir / "model.pt")]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "bundle")}
+    result = subprocess.run(export, cwd=REPO_ROOT / "bundle", capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert torch.jit.load(str(tmp_path / "model.ts"))(torch.rand(1, 1, 32, 32, 32)).shape[1] == len(
+        net.memory_bank.class_names
+    )

@@ -13,27 +13,41 @@ from pathlib import Path
 import torch
 
 from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS
+from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 8, "channel_multipliers": [1, 2, 4, 8]}
 
 
-def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    net = build_iris_net(**SIZE)
-    seen = [f"IrisDemo/{name}" for name in CLASS_NAMES if name not in HELD_OUT_LABELS][:4]
-    net.memory_bank.update(seen, torch.randn(len(seen), *net.token_shape))
-    checkpoint = tmp_path / "model.pt"
-    torch.save(net.state_dict(), checkpoint)
+def evaluate(demo_dataset: Path, checkpoint: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``monai.bundle run evaluating`` on ``checkpoint`` with no network or patch size flags."""
     command = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating",
-        "--config_file", "['bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/evaluate.json']",
+        "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
         "--bundle_root", "bundle", "--dataset_dir", str(demo_dataset.parent), "--ckpt_path", str(checkpoint),
-        "--output_dir", str(tmp_path / "eval"), "--eval_shots", "[1,2]", "--eval_draws", "2", "--tuning_steps", "2",
-        "--base_channels", "4", "--num_heads", "4", "--channel_multipliers", "[1,2,4,8]", "--eval_split", "test",
+        "--data_pool", json.dumps([str(demo_dataset)]), "--output_dir", str(output_dir), "--eval_shots", "[1,2]",
+        "--eval_draws", "2", "--tuning_steps", "2", "--eval_split", "test", "--num_workers", "0", *overrides,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=os.environ)
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=os.environ)
+
+
+def saved_model(demo_dataset: Path, path: Path) -> list[str]:
+    """A tiny model that records its settings as training does (32³ patches, native spacing); returns its memory
+    classes."""
+    torch.manual_seed(0)
+    net = build_iris_net(**SIZE, settings=training_settings([str(demo_dataset)], [32, 32, 32], None))
+    seen = [f"IrisDemo/{name}" for name in CLASS_NAMES if name not in HELD_OUT_LABELS][:4]
+    net.memory_bank.update(seen, torch.randn(len(seen), *net.token_shape))
+    torch.save(net.state_dict(), path)
+    return seen
+
+
+def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Path) -> None:
+    """The model's own settings give the network, patch size and spacing: the command needs no size flags."""
+    checkpoint = tmp_path / "model.pt"
+    seen = saved_model(demo_dataset, checkpoint)
+    result = evaluate(demo_dataset, checkpoint, tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-4000:]
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -60,3 +74,14 @@ def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Pa
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
     assert {"group", "strategy", "k", "class", "dice", "dice_std", "hd95", "nsd"} <= set(rows[0])
     assert (tmp_path / "eval" / "dice_vs_k.png").stat().st_size > 0
+
+
+def test_an_override_that_contradicts_the_model_is_refused_before_evaluating(
+    demo_dataset: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "model.pt"
+    saved_model(demo_dataset, checkpoint)
+    result = evaluate(demo_dataset, checkpoint, tmp_path / "eval", "--base_channels", "8")
+    assert result.returncode != 0
+    assert f"{checkpoint} was trained with base_channels 4, but 8 was asked for" in result.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -12,6 +12,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts.inferers import InContextInferer
+from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
 from scripts.transforms import label_map
 
@@ -22,10 +23,11 @@ CLASSES = {"sphere": 1, "box": 3}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny network with two memory-bank classes, saved as the bundle saves ``model.pt``."""
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, demo_dataset: Path) -> Path:
+    """A tiny network with two memory-bank classes, saved as the bundle saves ``model.pt``: with the settings that
+    training records (32³ patches, native spacing), which every test below relies on instead of size flags."""
     torch.manual_seed(0)
-    net = build_iris_net(**SIZE)
+    net = build_iris_net(**SIZE, settings=training_settings([str(demo_dataset)], [32, 32, 32], None))
     net.memory_bank.update(["IrisDemo/sphere", "IrisDemo/box"], torch.randn(2, *net.memory_bank.embeddings.shape[1:]))
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     torch.save(net.state_dict(), path)
@@ -48,10 +50,7 @@ def run_inference(checkpoint: Path, output_dir: Path, **overrides) -> ConfigWork
         "bundle_root": str(REPO_ROOT / "bundle"),
         "ckpt_path": str(checkpoint),
         "output_dir": str(output_dir),
-        "patch_size": [32, 32, 32],
-        "target_spacing": None,
         "sw_batch_size": 4,
-        **SIZE,
         **overrides,
     }
     workflow = ConfigWorkflow(
@@ -203,6 +202,11 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
         ({"classes": CLASSES, "embeddings_file": str(other)}, ["different network size", str(other)]),
         ({"classes": CLASSES, "support_images": [str(tmp_path / "nowhere.nii.gz")], "support_labels": [str(other)]},
          ["not found", "nowhere.nii.gz"]),
+        ({"classes": CLASSES, "base_channels": 8, **support},
+         [f"{checkpoint} was trained with base_channels 4, but 8 was asked for", "drop the --base_channels override"]),
+        ({"classes": CLASSES, "patch_size": [64, 64, 64], **support},
+         ["was trained with patch_size [32, 32, 32], but [64, 64, 64] was asked for"]),
+        ({"classes": CLASSES, "ckpt_path": str(other), **support}, [f"{other} holds no network weights"]),
     ]  # fmt: skip
     for overrides, expected in cases:
         with pytest.raises(Exception) as error:
@@ -210,6 +214,22 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
         messages = chained_messages(error.value)
         assert all(text in messages for text in expected), messages
         assert not (tmp_path / "out" / "summary.json").exists()  # failed before segmenting anything
+
+
+def test_a_training_checkpoint_segments_as_its_model_does(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
+    """``checkpoint_*.pt`` (network, optimizer, ... as training saves it) works wherever ``model.pt`` does."""
+    training_checkpoint = tmp_path / "checkpoint_00000100.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({"network": state, "optimizer": {}, "trainer": {"iteration": 100}}, training_checkpoint)
+    options = {"query_images": demo["queries"][:1], "classes": CLASSES, "save_probabilities": True}
+    support = {k: demo[k] for k in ("support_images", "support_labels")}
+    run_inference(checkpoint, tmp_path / "model", **options, **support)
+    run_inference(training_checkpoint, tmp_path / "checkpoint", **options, **support)
+    (model_prob,) = (tmp_path / "model").glob("*_prob.nii.gz")
+    (checkpoint_prob,) = (tmp_path / "checkpoint").glob("*_prob.nii.gz")
+    probabilities = nib.load(model_prob).get_fdata()
+    assert probabilities.std() > 0  # a real prediction, not a constant
+    np.testing.assert_array_equal(probabilities, nib.load(checkpoint_prob).get_fdata())
 
 
 @pytest.mark.parametrize("options", [{"cpu_thresh": 0}, {"stitch_dtype": "float16"}])

@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import requests
 import torch
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 
+from scripts.model_settings import bundle_version, training_settings
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +54,7 @@ def workspace(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     nib.save(nib.Nifti1Image(np.where(np.isin(values, kept), values, 0).astype(np.uint8), label.affine), annotation)
 
     torch.manual_seed(0)
-    net = build_iris_net(**SIZE)
+    net = build_iris_net(**SIZE, settings=training_settings([str(demo_dataset)], [32, 32, 32], None))
     net.memory_bank.update(BANK, torch.randn(2, *net.memory_bank.embeddings.shape[1:]))
     checkpoint = root / "model.pt"
     torch.save(net.state_dict(), checkpoint)
@@ -89,67 +92,54 @@ def running_server(app: Path, studies: Path, conf: dict[str, str], log_path: Pat
 
 @pytest.fixture(scope="module")
 def server(workspace: dict) -> Iterator[dict]:
-    """The IRIS app with the tiny network, its fine-tuned weights kept in the test's folder."""
-    conf = {
-        "checkpoint": str(workspace["checkpoint"]),
-        "model_dir": str(workspace["root"] / "model"),
-        "patch_size": "[32,32,32]",
-        "target_spacing": "null",
-        **{key: json.dumps(value) for key, value in SIZE.items()},
-    }
+    """The IRIS app started as docs/monailabel.md says: the weights only (they record their network and patch size),
+    fine-tuned weights kept in the test's folder."""
+    conf = {"checkpoint": str(workspace["checkpoint"]), "model_dir": str(workspace["root"] / "model")}
     app = REPO_ROOT / "scripts" / "monailabel"
     with running_server(app, workspace["studies"], conf, workspace["root"] / "server.log") as running:
         yield running
 
 
-def infer(server: dict, image: str, model: str = "iris") -> tuple[dict, bytes]:
-    response = requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "all"}, timeout=600)
-    assert response.ok, response.text[-2000:] + server["log"].read_text()[-4000:]
-    parts = {}
-    boundary = response.headers["content-type"].split("boundary=")[1].encode()
-    for part in response.content.split(b"--" + boundary)[1:-1]:
-        head, body = part.split(b"\r\n\r\n", 1)
-        name = head.split(b'name="')[1].split(b'"')[0].decode()
-        parts[name] = body[: -len(b"\r\n")]
-    return json.loads(parts["params"]), parts["image"]
+def infer(server: dict, image: str, model: str = "iris") -> tuple[dict, Path]:
+    """``/infer`` through MONAI Label's own client, as 3D Slicer sends it; returns the params and the label map."""
+    try:
+        result, params = MONAILabelClient(server["url"], tmpdir=str(server["log"].parent)).infer(model, image, {})
+    except MONAILabelClientException as error:
+        raise AssertionError(f"{error}\n{server['log'].read_text()[-4000:]}") from error
+    return params, Path(result)
 
 
-def label_map(tmp_path: Path, content: bytes) -> np.ndarray:
-    path = tmp_path / "result.nii.gz"
-    path.write_bytes(content)
+def label_map(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
 
 
 def test_label_one_segment_the_rest(server: dict, workspace: dict, tmp_path: Path) -> None:
-    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
+    info = client.info()
     assert "iris" in info["models"] and "iris" in info["trainers"]
-    assert info["datastore"]["total"] == 3
+    assert info["datastore"]["total"] == 3 and info["version"] == bundle_version()
 
     # no label yet: the memory bank answers, and says so
-    params, content = infer(server, "case1")
+    params, result_file = infer(server, "case1")
     assert params["strategy"] == "memory" and params["references"] == []
     assert params["label_names"] == {name: i + 1 for i, name in enumerate(sorted(BANK))}
-    assert set(np.unique(label_map(tmp_path, content)).tolist()) <= {0, 1, 2}
+    assert set(np.unique(label_map(result_file)).tolist()) <= {0, 1, 2}
+
+    # an image id the datastore does not hold is the client's mistake, not the server's
+    unknown = requests.post(f"{server['url']}/infer/iris", params={"image": "case9"}, timeout=60)
+    assert unknown.status_code == 404 and "case9" in unknown.text
 
     # the annotator submits one finished label with its names, as the 3D Slicer plugin does
     label_info = [{"name": name, "idx": value} for name, value in workspace["names"].items()]
-    with open(workspace["annotation"], "rb") as annotation:
-        saved = requests.put(
-            f"{server['url']}/datastore/label",
-            params={"image": "case0", "tag": "final"},
-            files={"label": ("case0.nii.gz", annotation)},
-            data={"params": json.dumps({"label_info": label_info})},
-            timeout=60,
-        )
-    assert saved.ok, saved.text
+    client.save_label("case0", str(workspace["annotation"]), tag="final", params={"label_info": label_info})
 
     started = time.perf_counter()
-    params, content = infer(server, "case2")
+    params, result_file = infer(server, "case2")
     latency = time.perf_counter() - started
     assert params["strategy"] == "retrieval"
     assert params["references"] == [str(workspace["studies"] / "case0.nii.gz")]
     assert params["label_names"] == workspace["names"]
-    result = label_map(tmp_path, content)
+    result = label_map(result_file)
     assert result.shape == nib.load(workspace["studies"] / "case2.nii.gz").shape
     found = set(np.unique(result).tolist()) - {0}
     assert found and found <= set(workspace["names"].values())  # the labelled classes, and only they
@@ -159,13 +149,13 @@ def test_label_one_segment_the_rest(server: dict, workspace: dict, tmp_path: Pat
 def test_train_fine_tunes_on_the_datastore_labels(server: dict, workspace: dict) -> None:
     if not requests.head(f"{server['url']}/datastore/label", params={"image": "case0", "tag": "final"}).ok:
         pytest.fail("test_label_one_segment_the_rest submits the label this test trains on; run the module whole")
-    response = requests.post(
-        f"{server['url']}/train/iris",
-        params={"run_sync": "true"},
-        json={"max_iterations": 2, "batch_size": 1},
-        timeout=900,
-    )
-    assert response.ok, response.text[-2000:] + server["log"].read_text()[-4000:]
+    client = MONAILabelClient(server["url"])
+    client.train_start("iris", {"max_iterations": 2, "batch_size": 1})
+    deadline = time.monotonic() + 900
+    while client.train_status(check_if_running=True) and time.monotonic() < deadline:
+        time.sleep(2)
+    status = client.train_status()
+    assert status.get("status") == "DONE", f"{status}\n{server['log'].read_text()[-4000:]}"
     finetuned = workspace["root"] / "model" / "model_finetuned.pt"
     state = torch.load(finetuned, weights_only=True)
     names = state["memory_bank._extra_state"]["class_names"]
@@ -174,7 +164,7 @@ def test_train_fine_tunes_on_the_datastore_labels(server: dict, workspace: dict)
     assert set(BANK) <= set(names)  # fine-tuned from the given weights: their classes are kept
 
     params, _ = infer(server, "case1")
-    assert params["checkpoint"] == str(finetuned)  # inference now uses the fine-tuned weights
+    assert params["checkpoint"] == str(finetuned)  # inference now uses the weights this server fine-tuned
 
 
 def test_stock_monaibundle_app_serves_the_memory_bank(workspace: dict, tmp_path: Path) -> None:
@@ -187,16 +177,32 @@ def test_stock_monaibundle_app_serves_the_memory_bank(workspace: dict, tmp_path:
     for part in ("configs", "scripts"):
         shutil.copytree(REPO_ROOT / "bundle" / part, bundle / part)
     (bundle / "models").mkdir()
-    shutil.copy(workspace["checkpoint"], bundle / "models" / "model.pt")
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    config.update(SIZE, patch_size=[32, 32, 32], target_spacing=None)  # the deployed bundle's own network size
-    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=4))
+    shutil.copy(workspace["checkpoint"], bundle / "models" / "model.pt")  # it records its own network and patch size
 
     conf = {"models": "iris", "zoo_source": "github", "sam2": "false", "skip_trainers": "true"}
     with running_server(app, workspace["studies"], conf, tmp_path / "server.log") as stock_server:
-        params, content = infer(stock_server, "case1")
-    result = label_map(tmp_path, content)
+        params, result_file = infer(stock_server, "case1")
+    result = label_map(result_file)
     assert result.shape == nib.load(workspace["studies"] / "case1.nii.gz").shape
     found = set(np.unique(result).tolist()) - {0}
     assert found and found <= {1, 2}  # the checkpoint's two memory-bank classes, at label values 1 and 2
-    assert len(params["label_names"]) == len(config["memory_classes"])  # named from metadata.json's channel_def
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert params["label_names"] == {name.lower(): int(key) for key, name in channels.items()}  # see docs/monailabel.md
+
+
+def test_explicit_checkpoint_wins_over_fine_tuned_weights_left_by_an_earlier_server(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "monailabel"))
+    from lib.bundle import IrisSettings
+
+    given, model_dir = tmp_path / "given.pt", tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model_finetuned.pt").write_bytes(b"left over")
+    os.utime(model_dir / "model_finetuned.pt", (time.time() - 60, time.time() - 60))
+    explicit = IrisSettings.from_conf(str(tmp_path), {"checkpoint": str(given), "model_dir": str(model_dir)})
+    assert explicit.active_checkpoint() == given and "is not used" in explicit.describe_weights()
+    implicit = IrisSettings.from_conf(str(tmp_path), {"model_dir": str(model_dir)})
+    assert implicit.active_checkpoint() == model_dir / "model_finetuned.pt"
+    assert "left by an earlier /train" in implicit.describe_weights()
+    (model_dir / "model_finetuned.pt").touch()  # written by this server's /train: it takes over
+    assert explicit.active_checkpoint() == model_dir / "model_finetuned.pt"

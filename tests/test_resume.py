@@ -91,6 +91,26 @@ def test_checkpoint_of_another_network_is_named_before_training(demo_dataset: Pa
     assert not (run_dir / "models" / "checkpoint_00000006.pt").exists()  # nothing trained, nothing overwritten
 
 
+def test_a_resumed_run_keeps_a_better_model(demo_dataset: Path, tmp_path: Path) -> None:
+    """The best score is resumable state: after a resume, model.pt is replaced only by a better model."""
+    run_dir = tmp_path / "run"
+    run(training_command(demo_dataset, run_dir, "--total_iterations", "6", "--eval_every", "3"))
+    model = run_dir / "models" / "model.pt"
+    selection = torch.load(model, weights_only=True)["_extra_state"]["selection"]
+    checkpoint = torch.load(run_dir / "models" / "checkpoint_00000006.pt", weights_only=True)
+    assert checkpoint["best_model"] == selection and selection["iteration"] in (3, 6)
+    # make the saved model look far better than anything the resumed run can reach, in the checkpoint too
+    better = {**selection, "value": 2.0}
+    model_state = torch.load(model, weights_only=True)
+    model_state["_extra_state"]["selection"] = better
+    atomic_save(model_state, model)
+    atomic_save({**checkpoint, "best_model": better}, run_dir / "models" / "checkpoint_00000006.pt")
+    result = run(training_command(demo_dataset, run_dir, "--total_iterations", "12", "--eval_every", "3"))
+    assert "Resuming training from" in result.stdout + result.stderr
+    assert "Saved the best model so far" not in result.stdout + result.stderr
+    assert torch.load(model, weights_only=True)["_extra_state"]["selection"]["value"] == 2.0
+
+
 def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
     target = tmp_path / "checkpoint.pt"
     atomic_save({"weights": torch.ones(3)}, target)

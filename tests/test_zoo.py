@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.networks import build_iris_net
 
@@ -42,14 +42,22 @@ def test_verify_metadata_against_the_zoo_schema(tmp_path: Path) -> None:
     monai_bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(schema))
 
 
-def test_metadata_describes_the_query_only_forward_and_the_shipped_memory_classes() -> None:
+def test_metadata_describes_the_model_that_inference_builds_without_weights(tmp_path: Path) -> None:
+    """Without a model file (the zoo's shape checks), inference.json builds the network that metadata.json describes:
+    the demo model's size, patch and memory classes."""
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    infer = json.loads((CONFIGS / "inference.json").read_text())
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser["bundle_root"], parser["ckpt_path"] = str(BUNDLE), str(tmp_path / "absent.pt")
     pred = meta["network_data_format"]["outputs"]["pred"]
-    assert pred["num_channels"] == len(infer["memory_classes"])
-    assert list(pred["channel_def"].values()) == infer["memory_classes"] == sorted(infer["memory_classes"])
+    classes = parser.get_parsed_content("memory_classes")
+    assert classes == list(pred["channel_def"].values()) == sorted(classes) and pred["num_channels"] == len(classes)
+    assert parser.get_parsed_content("patch_size") == meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    network = parser.get_parsed_content("network_def")
+    assert network.settings["network"]["channel_multipliers"] == [1, 4, 8, 16]
     labels = meta["network_data_format"]["post_processed_outputs"]["pred"]["channel_def"]
-    assert labels == {"0": "background", **{str(i + 1): name for i, name in enumerate(infer["memory_classes"])}}
+    assert labels == {"0": "background", **{str(i + 1): name for i, name in enumerate(classes)}}
     assert meta["version"] in meta["changelog"] and "monai-label" in meta["supported_apps"]
     large_files = (BUNDLE / "large_files.yml").read_text()
     assert "models/model.pt" in large_files
@@ -98,7 +106,7 @@ def test_evaluate_config_has_the_bundle_properties(demo_dataset: Path, tmp_path:
 @pytest.mark.parametrize(
     "command",
     [
-        ["black", "--check", "--line-length", "120", "."],
+        ["black", "--skip-magic-trailing-comma", "--check", "--line-length", "120", "."],
         ["isort", "--check-only", "--profile", "black", "--line-length", "120", "."],
         ["flake8", "--max-line-length", "120", "bundle", "scripts", "tests"],
     ],

@@ -72,6 +72,7 @@ class CheckpointManager:
         early_stopping: its patience counter and best score are saved too.
         config: hyper-parameters recorded in every checkpoint (plain types).
         metrics_engine: engine whose ``state.metrics`` are recorded (the evaluator).
+        best_model: the best-model saver, whose best score is saved and restored with the checkpoint.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class CheckpointManager:
         early_stopping: EarlyStopHandler | None = None,
         config: dict[str, Any] | None = None,
         metrics_engine: Engine | None = None,
+        best_model: BestModelSaver | None = None,
     ) -> None:
         if save_every < 1 or keep < 1:
             raise ValueError(f"checkpoint_every and checkpoints_to_keep must be >= 1, got {save_every} and {keep}.")
@@ -97,8 +99,11 @@ class CheckpointManager:
         self.early_stopping = early_stopping
         self.config = dict(config or {})
         self.metrics_engine = metrics_engine
+        self.best_model = best_model
 
     def attach(self, engine: Engine) -> None:
+        if self.best_model is not None:
+            self.best_model.trainer = engine
         engine.add_event_handler(Events.STARTED, self.restore)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_every), self.save)
 
@@ -119,6 +124,7 @@ class CheckpointManager:
             "rng": rng_state(),
             "config": self.config,
             "metrics": {name: float(value) for name, value in metrics.items()},
+            "best_model": self.best_model.state_dict() if self.best_model is not None else {},
             "timestamp": datetime.now(timezone.utc).isoformat(),
         }
         atomic_save(content, self.ckpt_dir / f"{PREFIX}{engine.state.iteration:08d}.pt")
@@ -168,13 +174,17 @@ class CheckpointManager:
         saved = content.get("early_stopping") or {}
         if stopper is not None and saved:
             stopper.counter, stopper.best_score = saved["counter"], saved["best_score"]
+        if self.best_model is not None:
+            self.best_model.load_state_dict(content.get("best_model") or {})
         set_rng_state(content["rng"])
 
 
 class BestModelSaver:
     """Write the network (with its memory bank) to ``model.pt`` atomically whenever the key metric improves.
 
-    Attached to the evaluator; the file is what inference and the model zoo load.
+    Attached to the evaluator; the file is what inference and the model zoo load. Its settings record the selection
+    (metric, value and training iteration). The best score is part of the training checkpoints
+    (:class:`CheckpointManager` saves and restores it), so a resumed run never replaces a better ``model.pt``.
 
     Args:
         path: output file, usually ``ckpt_dir/model.pt``.
@@ -187,15 +197,30 @@ class BestModelSaver:
         self.network = network
         self.metric = metric
         self.best = float("-inf")
+        self.best_iteration = 0
+        self.trainer: Engine | None = None  # set by CheckpointManager.attach, for the iteration of the selection
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": self.best, "iteration": self.best_iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("metric") == self.metric:
+            self.best, self.best_iteration = float(state["value"]), int(state["iteration"])
 
     def __call__(self, engine: Engine) -> None:
         score = float(engine.state.metrics[self.metric])
         if not score > self.best:
             return
         self.best = score
+        self.best_iteration = self.trainer.state.iteration if self.trainer is not None else 0
         if is_main_process():
-            atomic_save(unwrap(self.network).state_dict(), self.path)
-            logger.info(f"Saved the best model so far ({self.metric} {score:.4f}) to {self.path}.")
+            state = unwrap(self.network).state_dict()
+            state["_extra_state"] = {**state.get("_extra_state", {}), "selection": self.state_dict()}
+            atomic_save(state, self.path)
+            logger.info(
+                f"Saved the best model so far ({self.metric} {score:.4f} at iteration {self.best_iteration}) "
+                f"to {self.path}."
+            )

@@ -30,6 +30,7 @@ from .controls import CONTROLS, control_dice
 from .distributed import gather_objects, is_main_process, rank, world_size
 from .inferers import InContextInferer
 from .metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
+from .model_settings import built_settings, check_requested, load_model
 from .pool import DatasetPool, Subject
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import Reference
@@ -66,7 +67,8 @@ class KShotEvaluation:
         val_pool: subjects that are segmented and scored.
         inferer: sliding-window in-context inferer.
         output_dir: where results are written.
-        ckpt_path: checkpoint (network state dict, e.g. ``model.pt``) to evaluate; None keeps the current weights.
+        ckpt_path: model to evaluate (``model.pt`` or a training checkpoint); None keeps the current weights. A
+            network size, patch size or spacing that contradicts the model's own settings is refused at once.
         shots: the values of k.
         strategies: strategies to compare (``memory`` is k-independent and reported under every k).
         draws: independent reference draws averaged per k.
@@ -106,6 +108,9 @@ class KShotEvaluation:
         self.patch_size = inferer.roi_size
         self.k_independence_cases = k_independence_cases
         self.mean_voxels = train_pool.mean_class_voxels()
+        self.usage = {"patch_size": list(self.patch_size), "target_spacing": val_pool.target_spacing}
+        if ckpt_path:
+            check_requested(ckpt_path, {**built_settings(network), **self.usage})
 
     def _embeddings(
         self,
@@ -162,7 +167,7 @@ class KShotEvaluation:
 
     def run(self) -> dict:
         if self.ckpt_path:
-            self.network.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+            load_model(self.network, self.ckpt_path, self.usage)
         self.network.eval()
         records = Records()
         for draw in range(self.draws):

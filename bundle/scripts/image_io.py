@@ -7,10 +7,13 @@ for NRRD, MHA and DICOM series folders).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 from monai.config import KeysCollection
+from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
 from monai.transforms import LoadImage, MapTransform
 
 PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
@@ -24,6 +27,27 @@ def is_planar(path: str | Path) -> bool:
 def output_extension(paths: Sequence[str]) -> str:
     """Suffix of the segmentations written for ``paths``: PNG when every query is a 2D image, NIfTI otherwise."""
     return ".png" if paths and all(is_planar(path) for path in paths) else ".nii.gz"
+
+
+class _NvImageCodecNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "nvImageCodec is not available" not in record.getMessage()
+
+
+def quiet_nvimagecodec_notices() -> None:
+    """Drop exactly MONAI's notices that the optional nvImageCodec (GPU DICOM decoding) is missing.
+
+    Every ``LoadImage`` registers the nvImageCodec DICOM reader, which then logs and warns that it falls back to
+    pydicom, three times per command; pydicom reads DICOM as before, so the notices tell a user nothing to act on.
+    Nothing else is filtered.
+    """
+    if is_nvimgcodec_available():
+        return
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(_NvImageCodecNotice())
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+
+
+quiet_nvimagecodec_notices()
 
 
 class LoadImagesd(MapTransform):

@@ -119,7 +119,8 @@ def check_subject(record: Mapping[str, str], data: Mapping[str, torch.Tensor], l
     return None
 
 
-def _read_dataset_json(path: Path) -> DatasetInfo:
+def read_dataset_json(path: Path) -> DatasetInfo:
+    """The dataset described by an MSD-style ``dataset.json``, checked (its subjects are not read)."""
     if not path.is_file():
         raise DatasetPoolError(f"Dataset description {path} does not exist; prepare the dataset first.")
     try:
@@ -180,7 +181,7 @@ class DatasetPool:
             dataset_files = [dataset_files]
         if not dataset_files:
             raise DatasetPoolError("data_pool is empty: give at least one dataset.json path.")
-        self.datasets = [_read_dataset_json(Path(path)) for path in dataset_files]
+        self.datasets = [read_dataset_json(Path(path)) for path in dataset_files]
         names = [info.name for info in self.datasets]
         if len(set(names)) != len(names):
             raise DatasetPoolError(f"Dataset names in the pool must be unique, got {names}.")

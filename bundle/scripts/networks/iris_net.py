@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ class IrisNet(nn.Module):
         task_encoder: support features + masks -> task embeddings.
         mask_decoder: query features + task embeddings -> logits.
         memory_bank: optional class memory used when no task embeddings are given.
+        settings: how the network was built and trained and how it must be used (network hyper-parameters, patch size,
+            spacing, datasets with their modality and classes; see :mod:`scripts.model_settings`). They are the
+            module's extra state, so every state dict (``model.pt``, a training checkpoint's ``network``) carries them.
     """
 
     def __init__(
@@ -31,12 +35,20 @@ class IrisNet(nn.Module):
         task_encoder: TaskEncoder,
         mask_decoder: MaskDecoder,
         memory_bank: MemoryBank | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.task_encoder = task_encoder
         self.mask_decoder = mask_decoder
         self.memory_bank = memory_bank
+        self.settings = dict(settings or {})
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.settings = dict(state)
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -118,6 +130,7 @@ def build_iris_net(
     memory_bank_size: int = 64,
     memory_momentum: float = 0.9,
     memory_classes: Sequence[str] = (),
+    settings: Mapping[str, Any] | None = None,
 ) -> IrisNet:
     """Build the paper-scale network (the defaults) or a smaller preset.
 
@@ -125,6 +138,8 @@ def build_iris_net(
     resolution; tokens are as wide as the bottleneck. Fewer stages keep a useful bottleneck for small patches
     (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck). ``memory_classes`` reserves memory-bank rows
     for the classes of the weights to be loaded, so the query-only forward has their channels before loading.
+    The network records its hyper-parameters, with ``settings`` (what training knows: patch size, spacing, datasets),
+    in every state dict it saves (see :mod:`scripts.model_settings`).
     """
     if base_channels < 1 or num_query_tokens < 1:
         raise ValueError(f"base_channels and num_query_tokens must be >= 1, got {base_channels}, {num_query_tokens}.")
@@ -136,9 +151,22 @@ def build_iris_net(
     memory = None
     if use_memory_bank:
         memory = MemoryBank(task_encoder.num_tokens, embed_dim, memory_momentum, memory_bank_size, memory_classes)
+    network = {
+        "in_channels": in_channels,
+        "base_channels": base_channels,
+        "num_query_tokens": num_query_tokens,
+        "num_heads": num_heads,
+        "decoder_depth": decoder_depth,
+        "blocks_per_stage": blocks_per_stage,
+        "channel_multipliers": [int(factor) for factor in channel_multipliers],
+        "use_memory_bank": use_memory_bank,
+        "memory_bank_size": memory_bank_size,
+        "memory_momentum": memory_momentum,
+    }
     return IrisNet(
         encoder=ResidualEncoder(in_channels, channels, blocks_per_stage),
         task_encoder=task_encoder,
         mask_decoder=MaskDecoder(channels, num_query_tokens + 1, num_heads, decoder_depth, mlp_dim, prototype_widths),
         memory_bank=memory,
+        settings={**dict(settings or {}), "network": network},
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,17 +51,25 @@ def parse_setting(value: str) -> Any:
 class IrisSettings:
     """Where the bundle and the weights are, and the bundle ids the app overrides.
 
+    The network size, patch size, spacing and modality come from the weights themselves (see the bundle's
+    ``scripts/model_settings.py``); ``--conf`` values that contradict them are refused.
+
     Args:
         bundle_root: the IRIS bundle folder.
-        checkpoint: the weights given with ``--conf checkpoint``.
+        checkpoint: the weights given with ``--conf checkpoint`` (else the bundle's ``models/model.pt``).
         model_dir: where fine-tuning writes its runs and ``model_finetuned.pt``.
         overrides: bundle config ids from ``--conf`` (network size, patch size, modality, ...).
+        explicit_checkpoint: ``--conf checkpoint`` was given: those weights win over fine-tuned weights left by an
+            earlier server; fine-tuning that this server runs (``/train``) still takes over.
+        started: when the server started (fine-tuned weights written after it come from this server's ``/train``).
     """
 
     bundle_root: Path
     checkpoint: Path
     model_dir: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    explicit_checkpoint: bool = False
+    started: float = field(default_factory=time.time)
 
     @classmethod
     def from_conf(cls, app_dir: str, conf: dict[str, str]) -> IrisSettings:
@@ -70,21 +79,46 @@ class IrisSettings:
         overrides = {key: parse_setting(conf[key]) for key in BUNDLE_SETTINGS if key in conf}
         if str(bundle_root) not in sys.path:
             sys.path.insert(0, str(bundle_root))  # the bundle's ``scripts`` package, as MONAI puts it after initialize
-        return cls(bundle_root, checkpoint, model_dir, overrides)
+        return cls(bundle_root, checkpoint, model_dir, overrides, explicit_checkpoint="checkpoint" in conf)
 
     @property
     def finetuned(self) -> Path:
         return self.model_dir / FINETUNED_NAME
 
     def active_checkpoint(self) -> Path:
-        """The fine-tuned weights once ``/train`` has produced them, else the given checkpoint."""
-        return self.finetuned if self.finetuned.is_file() else self.checkpoint
+        """The fine-tuned weights when ``/train`` of this server wrote them, or when they are left from an earlier
+        server and no ``--conf checkpoint`` was given; else the given checkpoint (or the bundle's model)."""
+        if self.finetuned.is_file():
+            if not self.explicit_checkpoint or self.finetuned.stat().st_mtime > self.started:
+                return self.finetuned
+        return self.checkpoint
+
+    def describe_weights(self) -> str:
+        """Which weights the app uses and why, for the start-up log."""
+        active = self.active_checkpoint()
+        if active == self.finetuned:
+            return f"fine-tuned weights {active} (left by an earlier /train; --conf checkpoint would use other weights)"
+        if self.explicit_checkpoint and self.finetuned.is_file():
+            return f"weights {active} (--conf checkpoint; the fine-tuned {self.finetuned} is not used)"
+        return f"weights {active}"
+
+    def model_settings(self) -> dict[str, Any]:
+        """What the active weights record about themselves (network size, patch size, classes, ...)."""
+        from scripts.model_settings import read_model_settings
+
+        return read_model_settings(self.active_checkpoint())
 
     def memory_classes(self) -> list[str]:
         """Class names in the memory bank of the active weights (read without building the network)."""
-        state = torch.load(self.active_checkpoint(), map_location="cpu", weights_only=True)
-        extra = state.get("memory_bank._extra_state", {})
-        return list(extra.get("class_names", []))
+        return list(self.model_settings().get("memory_classes", []))
+
+    def training_ids(self) -> dict[str, Any]:
+        """train.json ids that fine-tuning must share with the active weights, from what they record."""
+        saved = self.model_settings()
+        keys = (*BUNDLE_SETTINGS, "use_memory_bank", "memory_momentum")
+        # --conf values stay the user's (and are refused when they contradict the weights); training reads the
+        # modality of each dataset from its dataset.json
+        return {key: saved[key] for key in keys if key in saved and key not in self.overrides and key != "modality"}
 
     def run(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
         """Initialise, run and finalise a bundle workflow; returns the workflow (its parser holds the components)."""

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 logger = logging.getLogger(__name__)
@@ -38,7 +37,9 @@ def label_names(info: Mapping, values: list[int], default_names: Mapping[str, in
 @lru_cache(maxsize=1024)
 def _label_values(path: str, modified: float) -> tuple[int, ...]:
     """Non-zero values of a label map; cached per file version, so a request re-reads only new or changed labels."""
-    return tuple(int(v) for v in np.unique(np.asarray(LoadImage(image_only=True)(path))) if v != 0)
+    from scripts.image_io import LoadImagesd  # the bundle's readers (on sys.path once IrisSettings is made)
+
+    return tuple(int(v) for v in np.unique(np.asarray(LoadImagesd("label")({"label": path})["label"])) if v != 0)
 
 
 def collect_references(

@@ -76,13 +76,16 @@ class IrisTrain(TrainTask):
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"IRIS checkpoint {checkpoint} does not exist.")
 
         run_dir = self.settings.model_dir / "train" / time.strftime("%Y%m%d_%H%M%S")
-        modality = str(self.settings.overrides.get("modality", "CT"))
+        modality = str(
+            self.settings.overrides.get("modality") or self.settings.model_settings().get("modality") or "CT"
+        )
         pool = write_pool(references, modality, run_dir / "dataset.json")
         iterations = int(options["max_iterations"])
         logger.info(f"IRIS fine-tuning on {len(references.images)} labelled volumes for {iterations} iterations")
         self.settings.run(
             "train.json",
             "train",
+            **self.settings.training_ids(),
             data_pool=[str(pool)],
             pretrained_checkpoint=str(checkpoint),
             ckpt_dir=str(run_dir),

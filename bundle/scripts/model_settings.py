@@ -1,0 +1,198 @@
+"""What a saved model records about itself, so that every command can use it without size or preprocessing flags.
+
+:class:`~scripts.networks.IrisNet` keeps its settings as the module's extra state, so ``model.pt`` and the
+``network`` entry of every training checkpoint carry them, as plain types that load with ``weights_only=True``::
+
+    {
+        "network": {"base_channels": 8, "channel_multipliers": [1, 4, 8, 16], ...},  # build_iris_net's arguments
+        "patch_size": [32, 32, 32],
+        "target_spacing": null,                                                    # or [1.5, 1.5, 1.5]
+        "datasets": {"IrisDemo": {"modality": "CT", "classes": [...], "held_out": [...]}},
+        "bundle_version": "0.5.0",
+        "selection": {"metric": "val_seen_dice", "value": 0.66, "iteration": 3200},  # model.pt only
+    }
+
+The configs read them with :func:`read_model_settings` (each id keeps a default for a model that records none) and
+the loaders refuse, with one line, an explicit setting that contradicts the model (:func:`check_requested`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
+from torch import nn
+
+from .pool import read_dataset_json
+
+logger = logging.getLogger(__name__)
+
+METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+
+
+class ModelSettingsError(ValueError):
+    """A model file that cannot be read, or a setting that contradicts the model; the message names both."""
+
+
+def bundle_version() -> str:
+    return str(json.loads(METADATA.read_text())["version"])
+
+
+def training_settings(
+    dataset_files: Sequence[str], patch_size: Sequence[int], target_spacing: Sequence[float] | None
+) -> dict[str, Any]:
+    """The settings a training run records in its models, besides the network's own hyper-parameters."""
+    datasets = {}
+    for path in dataset_files:
+        info = read_dataset_json(Path(path))
+        names = [info.labels[value] for value in sorted(info.labels)]
+        datasets[info.name] = {
+            "modality": info.modality,
+            "classes": names,
+            "held_out": [name for name in names if name in info.held_out],
+        }
+    return {
+        "patch_size": [int(size) for size in patch_size],
+        "target_spacing": None if target_spacing is None else [float(value) for value in target_spacing],
+        "datasets": datasets,
+        "bundle_version": bundle_version(),
+    }
+
+
+def load_network_state(path: str | Path) -> dict[str, Any]:
+    """The network state dict of ``model.pt`` or of a training checkpoint (its ``network`` entry)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelSettingsError(f"Model file {path} does not exist; train a model first or pass --ckpt_path.")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: settings read cheaply
+    except Exception as error:
+        raise ModelSettingsError(f"Model file {path} cannot be read ({type(error).__name__}: {error}).") from error
+    state = content.get("network", content) if isinstance(content, Mapping) else None
+    if not isinstance(state, Mapping) or not any(str(key).startswith("encoder.") for key in state):
+        raise ModelSettingsError(f"{path} holds no network weights (expected model.pt or a checkpoint_*.pt).")
+    return dict(state)
+
+
+def read_model_settings(path: str | Path) -> dict[str, Any]:
+    """The settings ``path`` records, flat: the network's hyper-parameters, ``patch_size``, ``target_spacing``,
+    ``modality`` (None when the model saw several), ``memory_classes``, ``datasets``, ``bundle_version``.
+
+    A missing file gives ``{}`` (the configs then use their defaults, e.g. for the model zoo's shape checks without
+    weights); a model saved before settings were recorded gives only its memory classes, with a warning.
+    """
+    if not Path(path).is_file():
+        logger.info(f"No model at {path}: using the settings of the configs.")
+        return {}
+    state = load_network_state(path)
+    saved = state.get("_extra_state") or {}
+    settings: dict[str, Any] = {
+        "memory_classes": list((state.get("memory_bank._extra_state") or {}).get("class_names", []))
+    }
+    if not saved:
+        logger.warning(f"{path} records no settings (saved before bundle 0.5.0): using the settings of the configs.")
+        return settings
+    settings.update(saved.get("network", {}))
+    for key in ("patch_size", "target_spacing", "datasets", "bundle_version", "selection"):
+        if key in saved:
+            settings[key] = saved[key]
+    modalities = {dataset["modality"].upper() for dataset in saved.get("datasets", {}).values()}
+    if modalities:
+        settings["modality"] = modalities.pop() if len(modalities) == 1 else None
+    return settings
+
+
+def _same(saved: Any, requested: Any) -> bool:
+    if isinstance(saved, str) or isinstance(requested, str):
+        return str(saved).upper() == str(requested).upper()
+    if isinstance(saved, Sequence) and isinstance(requested, Sequence):
+        return len(saved) == len(requested) and all(_same(a, b) for a, b in zip(saved, requested))
+    if isinstance(saved, (int, float)) and isinstance(requested, (int, float)):
+        return math.isclose(float(saved), float(requested), rel_tol=1e-6)
+    return saved == requested
+
+
+def model_modality(path: str | Path, default: str = "CT") -> str:
+    """The modality the model at ``path`` was trained on (``default`` when it records none); a model trained on
+    several modalities needs an explicit ``--modality``."""
+    settings = read_model_settings(path)
+    if "modality" not in settings:
+        return default
+    if settings["modality"] is None:
+        trained = sorted({dataset["modality"] for dataset in settings["datasets"].values()})
+        raise ModelSettingsError(f"{path} was trained on {' and '.join(trained)} images: pass --modality.")
+    return settings["modality"]
+
+
+def model_memory_classes(path: str | Path, metadata_file: str | Path = METADATA) -> list[str]:
+    """The memory-bank classes of the model at ``path``; without a model file, those of the model that
+    ``metadata_file`` describes (its output channels), which the model zoo's shape checks build."""
+    if Path(path).is_file():
+        return list(read_model_settings(path).get("memory_classes", []))
+    channels = json.loads(Path(metadata_file).read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return [channels[key] for key in sorted(channels, key=int)]
+
+
+def check_requested(path: str | Path, requested: Mapping[str, Any]) -> None:
+    """Refuse settings that contradict what the model at ``path`` records, naming the file, the id and both values."""
+    saved = read_model_settings(path)
+    for key, value in requested.items():
+        if key in saved and saved[key] is not None and not _same(saved[key], value):
+            raise ModelSettingsError(
+                f"{path} was trained with {key} {json.dumps(saved[key])}, but {json.dumps(value)} was asked for: "
+                f"drop the --{key} override (the model's own settings are used by default)."
+            )
+
+
+def built_settings(network: nn.Module) -> dict[str, Any]:
+    """The hyper-parameters ``network`` (an IrisNet, or a wrapper of one) was built with."""
+    network = getattr(network, "module", network)
+    return dict(getattr(network, "settings", {}).get("network", {}))
+
+
+def load_model(network: nn.Module, path: str | Path, usage: Mapping[str, Any] | None = None) -> None:
+    """Load the model at ``path`` (model.pt or a checkpoint) strictly into ``network``, after refusing a network size
+    or a ``usage`` setting (patch size, spacing, modality) that contradicts the model's."""
+    check_requested(path, {**built_settings(network), **(usage or {})})
+    getattr(network, "module", network).load_state_dict(load_network_state(path))
+
+
+class ModelLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` for ``model.pt`` or a training checkpoint (its ``network`` entry), which first
+    refuses settings that contradict the model's own (:func:`check_requested`).
+
+    Args:
+        load_path: the model file.
+        network: the network to load into; the hyper-parameters it was built with are checked.
+        usage: the other settings the command runs with (``patch_size``, ``target_spacing``, ``modality``).
+        map_location: as ``torch.load``.
+        keep_settings: keep the network's own settings rather than the model's, as training from a pretrained model
+            does (its models then record the new run's data).
+    """
+
+    def __init__(
+        self,
+        load_path: str,
+        network: nn.Module,
+        usage: Mapping[str, Any] | None = None,
+        map_location: Any = None,
+        keep_settings: bool = False,
+    ) -> None:
+        super().__init__(load_path, {"network": network}, map_location=map_location)
+        self.network = getattr(network, "module", network)
+        self.usage = dict(usage or {})
+        self.keep_settings = keep_settings
+
+    def __call__(self, engine: Engine) -> None:
+        check_requested(self.load_path, {**built_settings(self.network), **self.usage})
+        own = dict(getattr(self.network, "settings", {}))
+        super().__call__(engine)
+        if self.keep_settings:
+            self.network.settings = own
