@@ -167,3 +167,18 @@ def test_bad_support_shapes_raise_a_clear_error() -> None:
     net = tiny_net()
     with pytest.raises(ValueError, match="encode_support expects"):
         net.encode_support(torch.zeros(1, 1, *PATCH), torch.zeros(1, 1, 1, *PATCH))
+
+
+def test_the_state_dict_records_the_settings_and_older_models_still_load() -> None:
+    settings = {"patch_size": [32, 32, 32], "target_spacing": None}
+    net = build_iris_net(
+        base_channels=4, num_heads=2, num_query_tokens=3, channel_multipliers=(1, 2, 4, 8), settings=settings
+    )
+    state = net.state_dict()
+    assert state["_extra_state"]["network"]["base_channels"] == 4 and state["_extra_state"]["patch_size"] == [32] * 3
+    fresh = build_iris_net(base_channels=4, num_heads=2, num_query_tokens=3, channel_multipliers=(1, 2, 4, 8))
+    fresh.load_state_dict(state)
+    assert fresh.settings == net.settings
+    del state["_extra_state"]  # as saved before bundle 0.5.0
+    fresh.load_state_dict(state)  # strict
+    assert fresh.settings == {}

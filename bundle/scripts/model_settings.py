@@ -131,12 +131,12 @@ def model_modality(path: str | Path, default: str = "CT") -> str:
     return settings["modality"]
 
 
-def model_memory_classes(path: str | Path, metadata_file: str | Path = METADATA) -> list[str]:
-    """The memory-bank classes of the model at ``path``; without a model file, those of the model that
-    ``metadata_file`` describes (its output channels), which the model zoo's shape checks build."""
+def model_memory_classes(path: str | Path) -> list[str]:
+    """The memory-bank classes of the model at ``path``; without a model file, those of the model that the bundle's
+    ``metadata.json`` describes (its output channels), which the model zoo's shape checks build."""
     if Path(path).is_file():
         return list(read_model_settings(path).get("memory_classes", []))
-    channels = json.loads(Path(metadata_file).read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    channels = json.loads(METADATA.read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
     return [channels[key] for key in sorted(channels, key=int)]
 
 

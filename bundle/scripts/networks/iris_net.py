@@ -50,6 +50,11 @@ class IrisNet(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.settings = dict(state)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # models saved before bundle 0.5.0 record no settings: load them strictly all the same, with none
+        state_dict.setdefault(prefix + "_extra_state", {})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
     @property
     def token_shape(self) -> tuple[int, int]:
         """``(T, C)``: the shape of one class's task embedding (``T = m + 1 +`` one prototype per finer stage)."""
