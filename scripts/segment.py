@@ -30,16 +30,6 @@ def _pairs(support: str | list[str] | tuple[str, ...]) -> tuple[list[str], list[
     return [image for image, _ in pairs], [label for _, label in pairs]
 
 
-def _query_list(query: str | list[str]) -> str | list[str]:
-    if isinstance(query, str) and Path(query).is_dir():
-        return sorted(
-            str(path)
-            for pattern in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff")
-            for path in Path(query).glob(pattern)
-        )
-    return query
-
-
 def segment(
     query: str | list[str],
     out: str,
@@ -63,7 +53,7 @@ def segment(
         bundle_root=str(BUNDLE),
         ckpt_path=ckpt,
         output_dir=out,
-        query_images=_query_list(query),
+        query_images=query,
         support_images=images,
         support_labels=labels,
         classes=classes or {},

@@ -109,6 +109,8 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     events.Reload()
     assert {"val_overlay/0", "val_overlay/1"} <= set(events.Tags()["images"])
     assert {"train_loss", "learning_rate", *reference_following} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("val_seen_dice")] == [2, 4]  # validations at their iterations
+    assert "Validation at iteration 2: " in logs
 
     tracking = mlflow.tracking.MlflowClient(path_to_sqlite_uri(str(output_dir / "mlruns.db")))
     runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from scripts.image_io import query_files
 from scripts.inferers import InContextInferer
 from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
@@ -170,12 +171,15 @@ def test_output_geometry_follows_anisotropic_oblique_non_ras_queries(checkpoint:
     affine[:3, 3] = [12.0, -40.0, 7.5]
     query = tmp_path / "oblique.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, :30], affine), query)
+    state = torch.load(checkpoint, weights_only=True)
+    state["_extra_state"]["target_spacing"] = [1.5, 1.5, 1.5]  # a model trained at 1.5 mm: queries are resampled
+    resampling = tmp_path / "model_1.5mm.pt"
+    torch.save(state, resampling)
     run_inference(
-        checkpoint,
+        resampling,
         tmp_path / "out",
         classes=CLASSES,
         query_images=[str(query)],
-        target_spacing=[1.5, 1.5, 1.5],
         **{k: demo[k] for k in ("support_images", "support_labels")},
     )
     assert_label_map_like(str(query), tmp_path / "out" / "oblique_seg.nii.gz", {0, 1, 3})
@@ -207,10 +211,14 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
         ({"classes": CLASSES, "patch_size": [64, 64, 64], **support},
          ["was trained with patch_size [32, 32, 32], but [64, 64, 64] was asked for"]),
         ({"classes": CLASSES, "ckpt_path": str(other), **support}, [f"{other} holds no network weights"]),
+        ({"classes": CLASSES, "query_images": str(tmp_path / "scans_typo" / "*.nii.gz"), **support},
+         ["No query image matches", "scans_typo"]),
+        ({"classes": CLASSES, "query_images": [demo["queries"][0], str(tmp_path / "gone.nii.gz")], **support},
+         ["Query images not found", "gone.nii.gz"]),
     ]  # fmt: skip
     for overrides, expected in cases:
         with pytest.raises(Exception) as error:
-            run_inference(checkpoint, tmp_path / "out", query_images=demo["queries"], **overrides)
+            run_inference(checkpoint, tmp_path / "out", **{"query_images": demo["queries"], **overrides})
         messages = chained_messages(error.value)
         assert all(text in messages for text in expected), messages
         assert not (tmp_path / "out" / "summary.json").exists()  # failed before segmenting anything
@@ -258,3 +266,14 @@ def test_stitching_options_keep_the_result(options: dict) -> None:
 def test_bad_stitch_dtype_is_named() -> None:
     with pytest.raises(ValueError, match="'float17'"):
         InContextInferer((16, 16, 16), stitch_dtype="float17")
+
+
+def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> None:
+    folder = Path(demo["queries"][0]).parent
+    in_folder = query_files(str(folder))
+    assert set(demo["queries"]) <= set(in_folder) and in_folder == sorted(in_folder)
+    assert query_files(str(folder / "*.nii.gz")) == [path for path in in_folder if path.endswith(".nii.gz")]
+    assert query_files(demo["queries"][:1]) == demo["queries"][:1]
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match="No query image matches"):
+        query_files(str(tmp_path))  # a folder without images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +110,11 @@ def test_a_resumed_run_keeps_a_better_model(demo_dataset: Path, tmp_path: Path) 
     assert "Resuming training from" in result.stdout + result.stderr
     assert "Saved the best model so far" not in result.stdout + result.stderr
     assert torch.load(model, weights_only=True)["_extra_state"]["selection"]["value"] == 2.0
+    # the history of the first run survives: curves continue, validations are numbered by iteration
+    curves = json.loads((run_dir / "logs" / "training_curves.json").read_text())
+    assert [v["iteration"] for v in curves["validation"]] == [3, 6, 9, 12]
+    assert curves["iteration"][0] < 6 and curves["iteration"][-1] == 12
+    assert "Validation at iteration 9: " in result.stdout + result.stderr
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Ignite handlers of episodic training: memory-bank updates and the end-of-training validation report."""
+"""Ignite handlers of episodic training: memory-bank updates, validation numbered by iteration, and the
+end-of-training validation report."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.engines.utils import IterationEvents
+from monai.handlers import ValidationHandler
 from torch import nn
 
 from .distributed import gather_objects, is_main_process
@@ -20,6 +22,29 @@ from .metrics import ClassGroupDice
 from .pool import DatasetPool
 
 logger = logging.getLogger(__name__)
+
+
+class IterationValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` that numbers each validation by the trainer's iteration.
+
+    Episodic training is one long epoch, so the trainer's epoch would number every validation 1. The evaluator's
+    epoch is what MONAI's stats handlers use as the TensorBoard step and in their log lines, so it is set to the
+    iteration: TensorBoard then draws validation curves against the same steps as the training loss.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        if self.validator is None:
+            raise RuntimeError("IterationValidationHandler needs a validator.")
+        self.validator.run(engine.state.iteration)
+
+
+class ValidationLog:
+    """Log line of a validation for MONAI's ``StatsHandler`` (``epoch_print_logger``): "Validation at iteration N"
+    and every metric, instead of "Epoch[N] Metrics"."""
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = " ".join(f"{name} {float(value):.4f}" for name, value in sorted(engine.state.metrics.items()))
+        logger.info(f"Validation at iteration {engine.state.epoch}: {metrics}")
 
 
 class MemoryBankUpdateHandler:

@@ -7,6 +7,7 @@ for NRRD, MHA and DICOM series folders).
 
 from __future__ import annotations
 
+import glob
 import logging
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -17,6 +18,7 @@ from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
 from monai.transforms import LoadImage, MapTransform
 
 PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def is_planar(path: str | Path) -> bool:
@@ -27,6 +29,33 @@ def is_planar(path: str | Path) -> bool:
 def output_extension(paths: Sequence[str]) -> str:
     """Suffix of the segmentations written for ``paths``: PNG when every query is a 2D image, NIfTI otherwise."""
     return ".png" if paths and all(is_planar(path) for path in paths) else ".nii.gz"
+
+
+def image_files(folder: Path) -> list[str]:
+    """The image files of a folder (volumes and 2D images), sorted."""
+    suffixes = VOLUME_SUFFIXES + PLANAR_SUFFIXES
+    return sorted(str(path) for path in folder.iterdir() if path.is_file() and path.name.lower().endswith(suffixes))
+
+
+def query_files(queries: str | Sequence[str]) -> list[str]:
+    """The query images named by a glob, a folder, a file or a list of files, checked before any is segmented.
+
+    Raises:
+        FileNotFoundError: naming the pattern that matches nothing, or every listed file that does not exist.
+    """
+    if isinstance(queries, str):
+        if Path(queries).is_dir():
+            files = image_files(Path(queries))
+        else:
+            files = sorted(glob.glob(queries)) if glob.has_magic(queries) else [queries]
+        if not files:
+            raise FileNotFoundError(f"No query image matches {queries!r}: check the path or the glob pattern.")
+    else:
+        files = [str(query) for query in queries]
+    missing = [path for path in files if not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError(f"Query images not found: {', '.join(missing)}.")
+    return files
 
 
 class _NvImageCodecNotice(logging.Filter):

@@ -31,6 +31,7 @@ from monai.handlers import CheckpointLoader
 from torch import nn
 
 from .pool import read_dataset_json
+from .transforms import target_spacing_or_native
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def training_settings(
         }
     return {
         "patch_size": [int(size) for size in patch_size],
-        "target_spacing": None if target_spacing is None else [float(value) for value in target_spacing],
+        "target_spacing": target_spacing_or_native(target_spacing),
         "datasets": datasets,
         "bundle_version": bundle_version(),
     }
@@ -143,8 +144,15 @@ def model_memory_classes(path: str | Path) -> list[str]:
 def check_requested(path: str | Path, requested: Mapping[str, Any]) -> None:
     """Refuse settings that contradict what the model at ``path`` records, naming the file, the id and both values."""
     saved = read_model_settings(path)
+    requested = dict(requested)
+    if "target_spacing" in requested:
+        requested["target_spacing"] = target_spacing_or_native(requested["target_spacing"])
     for key, value in requested.items():
-        if key in saved and saved[key] is not None and not _same(saved[key], value):
+        if key == "modality" and saved.get(key, "") is None:  # trained on several: any of them may be asked for
+            known = {dataset["modality"].upper() for dataset in saved["datasets"].values()}
+            if str(value).upper() in known:
+                continue
+        if key in saved and not _same(saved[key], value):
             raise ModelSettingsError(
                 f"{path} was trained with {key} {json.dumps(saved[key])}, but {json.dumps(value)} was asked for: "
                 f"drop the --{key} override (the model's own settings are used by default)."

@@ -21,7 +21,7 @@ from monai.utils import convert_to_tensor
 
 from .atomic import atomic_save
 from .image_io import LoadImagesd
-from .transforms import subject_preprocessing
+from .transforms import subject_preprocessing, target_spacing_or_native
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class DatasetPool:
     Args:
         dataset_files: paths of MSD-style ``dataset.json`` files.
         split: ``"training"``, ``"validation"`` or ``"test"`` (labelled entries, like the other two).
-        target_spacing: resampling spacing in mm, or None to keep native spacing.
+        target_spacing: resampling spacing in mm, or None (``"native"``) to keep native spacing.
         min_class_voxels: a class smaller than this in a subject does not count as present there.
         num_workers: threads used to load and preprocess subjects.
         skip_invalid: drop invalid subjects with a warning instead of raising.
@@ -176,7 +176,7 @@ class DatasetPool:
         if cache == "disk" and not cache_dir:
             raise ValueError("cache='disk' needs a cache_dir.")
         self.cache_dir = Path(cache_dir) if cache == "disk" else None
-        self.target_spacing = None if target_spacing is None else [float(x) for x in target_spacing]
+        self.target_spacing = target_spacing_or_native(target_spacing)
         if isinstance(dataset_files, (str, Path)):
             dataset_files = [dataset_files]
         if not dataset_files:

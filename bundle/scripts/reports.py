@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 from .image_io import LoadImagesd
+
+logger = logging.getLogger(__name__)
 
 PALETTE = np.array(
     [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
@@ -118,6 +121,8 @@ class InferenceReport:
                     },
                 }
             )
+            found = ", ".join(f"{name} {n} voxels" for name, n in counts.items())
+            logger.info(f"Wrote {self.queries[-1]['segmentation']} ({found})")
             if self.save_previews:
                 image = np.asarray(self._loader({"image": query})["image"])[0]
                 preview(image, array, list(self.classes.values()), self.output_dir / f"{stem}_preview.png")
@@ -131,3 +136,4 @@ class InferenceReport:
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=4))
+        logger.info(f"Wrote {self.output_dir / 'summary.json'} ({len(self.queries)} queries)")

@@ -131,6 +131,24 @@ def intensity_normalization(modality: str, keys: Sequence[str] = ("image",)) -> 
     return Compose([clip, NormalizeIntensityd(keys)])
 
 
+NATIVE_SPACING = ("native", "none", "null")
+
+
+def target_spacing_or_native(value: Sequence[float] | str | None) -> list[float] | None:
+    """A ``target_spacing`` setting as mm per axis, or None to keep each image's own spacing.
+
+    ``native`` (or ``None``/``null``) keeps native spacing: ``--target_spacing native`` works from the command line,
+    where MONAI drops a ``None`` override silently.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in NATIVE_SPACING):
+        return None
+    if isinstance(value, str) or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+        raise ValueError(
+            f"target_spacing must be positive mm per axis, e.g. [1.5, 1.5, 1.5], or 'native'; got {value!r}."
+        )
+    return [float(v) for v in value]
+
+
 def subject_preprocessing(
     modality: str,
     target_spacing: Sequence[float] | None,
@@ -142,7 +160,8 @@ def subject_preprocessing(
 
     Args:
         modality: the dataset's modality, which picks the intensity normalisation.
-        target_spacing: voxel spacing in mm, or None to keep each image's own spacing; 2D images keep theirs.
+        target_spacing: voxel spacing in mm, or None (``"native"``) to keep each image's own spacing; 2D images keep
+            theirs.
         keys: ``"image"`` and optionally ``"label"`` (resampled with nearest neighbours).
         track_meta: keep MetaTensors (inference needs them to invert the transforms); training drops them.
         in_channels: the network's image channels; RGB images are converted to match (see :class:`ImageChannelsd`).
@@ -153,6 +172,7 @@ def subject_preprocessing(
         AddSliceAxisd(keys),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
+    target_spacing = target_spacing_or_native(target_spacing)
     if target_spacing is not None:
         steps.append(VolumeSpacingd(keys=keys, pixdim=tuple(target_spacing), mode=modes))
     steps.append(intensity_normalization(modality))

@@ -89,9 +89,24 @@ class TrainingCurves:
 
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer
+        trainer.add_event_handler(Events.STARTED, self.resume)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         trainer.add_event_handler(Events.COMPLETED, self.plot)
         self.evaluator.add_event_handler(Events.COMPLETED, self.record_validation)
+
+    def resume(self, engine: Engine) -> None:
+        """A resumed run (restored by the checkpoint handler, attached before this one) continues the history that
+        the run it resumes wrote, up to the iteration it resumes from."""
+        path = self.output_dir / "training_curves.json"
+        if engine.state.iteration == 0 or not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        kept = [i for i, iteration in enumerate(saved.get("iteration", [])) if iteration <= engine.state.iteration]
+        for key in ("iteration", "loss", "lr"):
+            self.history[key] = [saved[key][i] for i in kept]
+        self.history["validation"] = [
+            v for v in saved.get("validation", []) if v["iteration"] <= engine.state.iteration
+        ]
 
     def record(self, engine: Engine) -> None:
         self._losses.append(float(from_engine(["loss"], first=True)(engine.state.output)))
