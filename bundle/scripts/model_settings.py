@@ -18,6 +18,8 @@ the loaders refuse, with one line, an explicit setting that contradicts the mode
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
@@ -87,11 +89,19 @@ def read_model_settings(path: str | Path) -> dict[str, Any]:
     ``modality`` (None when the model saw several), ``memory_classes``, ``datasets``, ``bundle_version``.
 
     A missing file gives ``{}`` (the configs then use their defaults, e.g. for the model zoo's shape checks without
-    weights); a model saved before settings were recorded gives only its memory classes, with a warning.
+    weights); a model saved before settings were recorded gives only its memory classes, with a warning. The file is
+    read once per version (a command asks for several settings).
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         logger.info(f"No model at {path}: using the settings of the configs.")
         return {}
+    stat = path.stat()
+    return copy.deepcopy(_read_settings(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
     state = load_network_state(path)
     saved = state.get("_extra_state") or {}
     settings: dict[str, Any] = {
