@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,10 +14,12 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from scripts.errors import user_error
 from scripts.image_io import query_files
 from scripts.inferers import InContextInferer
 from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
+from scripts.support import SupportSetError
 from scripts.transforms import label_map
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -277,3 +282,30 @@ def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> Non
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(FileNotFoundError, match="No query image matches"):
         query_files(str(tmp_path))  # a folder without images
+
+
+def test_a_user_error_ends_the_command_with_its_message(checkpoint: Path, tmp_path: Path) -> None:
+    """No config-expression traceback for a mistake the user can fix: one message and exit status 1."""
+    for command in (
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
+         "--bundle_root", "bundle", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out"),
+         "--query_images", f"'{tmp_path}/scans_typo/*.nii.gz'"],
+        [sys.executable, "scripts/segment.py", "--query", str(tmp_path / "scans_typo"), "--out", str(tmp_path / "out"),
+         "--ckpt", str(checkpoint), "--strategy", "memory"],
+    ):  # fmt: skip
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=os.environ)
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "scans_typo" in result.stderr.splitlines()[-2]
+        assert result.stderr.splitlines()[-2].startswith("Error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_errors_are_found_inside_the_errors_that_wrap_them() -> None:
+    try:
+        try:
+            raise SupportSetError("class 'ghost' is not in ref.nii.gz")
+        except SupportSetError as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from inner
+    except RuntimeError as outer:
+        assert str(user_error(outer)) == "class 'ghost' is not in ref.nii.gz"
+    assert user_error(RuntimeError("a bug")) is None

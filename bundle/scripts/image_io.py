@@ -17,6 +17,8 @@ from monai.config import KeysCollection
 from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
 from monai.transforms import LoadImage, MapTransform
 
+from .errors import IrisInputError
+
 PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -31,6 +33,10 @@ def output_extension(paths: Sequence[str]) -> str:
     return ".png" if paths and all(is_planar(path) for path in paths) else ".nii.gz"
 
 
+class QueryFilesError(IrisInputError, FileNotFoundError):
+    """Query images that do not exist."""
+
+
 def image_files(folder: Path) -> list[str]:
     """The image files of a folder (volumes and 2D images), sorted."""
     suffixes = VOLUME_SUFFIXES + PLANAR_SUFFIXES
@@ -41,7 +47,7 @@ def query_files(queries: str | Sequence[str]) -> list[str]:
     """The query images named by a glob, a folder, a file or a list of files, checked before any is segmented.
 
     Raises:
-        FileNotFoundError: naming the pattern that matches nothing, or every listed file that does not exist.
+        QueryFilesError: naming the pattern that matches nothing, or every listed file that does not exist.
     """
     if isinstance(queries, str):
         if Path(queries).is_dir():
@@ -49,12 +55,12 @@ def query_files(queries: str | Sequence[str]) -> list[str]:
         else:
             files = sorted(glob.glob(queries)) if glob.has_magic(queries) else [queries]
         if not files:
-            raise FileNotFoundError(f"No query image matches {queries!r}: check the path or the glob pattern.")
+            raise QueryFilesError(f"No query image matches {queries!r}: check the path or the glob pattern.")
     else:
         files = [str(query) for query in queries]
     missing = [path for path in files if not Path(path).exists()]
     if missing:
-        raise FileNotFoundError(f"Query images not found: {', '.join(missing)}.")
+        raise QueryFilesError(f"Query images not found: {', '.join(missing)}.")
     return files
 
 

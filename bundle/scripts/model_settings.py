@@ -32,6 +32,7 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 from torch import nn
 
+from .errors import IrisInputError
 from .pool import read_dataset_json
 from .transforms import target_spacing_or_native
 
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
 
 
-class ModelSettingsError(ValueError):
+class ModelSettingsError(IrisInputError):
     """A model file that cannot be read, or a setting that contradicts the model; the message names both."""
 
 

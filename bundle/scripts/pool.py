@@ -20,6 +20,7 @@ from monai.data.utils import affine_to_spacing
 from monai.utils import convert_to_tensor
 
 from .atomic import atomic_save
+from .errors import IrisInputError
 from .image_io import LoadImagesd
 from .transforms import subject_preprocessing, target_spacing_or_native
 
@@ -30,7 +31,7 @@ SPLITS = ("training", "validation", "test")  # "test": labelled subjects kept ou
 CACHE_FORMAT = 2  # bumped when a cache entry's content changes, so older entries are rebuilt
 
 
-class DatasetPoolError(ValueError):
+class DatasetPoolError(IrisInputError):
     """Raised with every invalid entry of the pool listed, so a user can fix them all at once."""
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import IrisInputError
 from .losses import DiceBCELoss
 from .support import Reference
 
@@ -20,7 +21,7 @@ STRATEGIES = ("one_shot", "ensemble", "retrieval", "tuning", "memory")
 
 def check_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy '{strategy}'; choose one of {STRATEGIES}.")
+        raise IrisInputError(f"Unknown strategy '{strategy}'; choose one of {STRATEGIES}.")
     return strategy
 
 

@@ -11,12 +11,13 @@ import torch
 from monai.transforms import Compose
 
 from .episodes import binary_masks, bounding_box_centre, crop_around
+from .errors import IrisInputError
 from .image_io import LoadImagesd
 from .pool import Subject
 from .transforms import subject_preprocessing
 
 
-class SupportSetError(ValueError):
+class SupportSetError(IrisInputError):
     """A problem with the references, raised before any heavy work with the file and class named."""
 
 

@@ -28,6 +28,8 @@ from monai.transforms import (
 )
 from monai.utils import TraceKeys
 
+from .errors import IrisInputError
+
 CT_WINDOW = (-990.0, 500.0)
 PERCENTILES = (2.0, 98.0)
 CT_MODALITIES = ("CT",)
@@ -143,7 +145,7 @@ def target_spacing_or_native(value: Sequence[float] | str | None) -> list[float]
     if value is None or (isinstance(value, str) and value.strip().lower() in NATIVE_SPACING):
         return None
     if isinstance(value, str) or not all(isinstance(v, (int, float)) and v > 0 for v in value):
-        raise ValueError(
+        raise IrisInputError(
             f"target_spacing must be positive mm per axis, e.g. [1.5, 1.5, 1.5], or 'native'; got {value!r}."
         )
     return [float(v) for v in value]
