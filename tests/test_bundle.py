@@ -138,6 +138,11 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     result = subprocess.run(infer, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list((tmp_path / "seg").glob("*_seg.nii.gz"))) == 1
+    written = json.loads((tmp_path / "seg" / "summary.json").read_text())["queries"][0]["classes"]
+    labels = json.loads(demo_dataset.read_text())["labels"]
+    assert written and {name: c["label_value"] for name, c in written.items()} == {
+        name: int(value) for value, name in ((v, f"IrisDemo/{n}") for v, n in labels.items()) if name in written
+    }  # the memory strategy writes each class at its label value in the dataset
     assert "nvImageCodec" not in result.stdout + result.stderr
     export = [*monai_bundle, "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts")]
     export += ["--ckpt_file", str(ckpt_dir / "model.pt"), "--config_file", "configs/inference.json"]

@@ -20,6 +20,7 @@ from scripts.inferers import InContextInferer
 from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
 from scripts.support import SupportSetError
+from scripts.task_setup import resolve_classes
 from scripts.transforms import label_map
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -309,3 +310,14 @@ def test_user_errors_are_found_inside_the_errors_that_wrap_them() -> None:
     except RuntimeError as outer:
         assert str(user_error(outer)) == "class 'ghost' is not in ref.nii.gz"
     assert user_error(RuntimeError("a bug")) is None
+
+
+def test_memory_classes_keep_their_dataset_label_values() -> None:
+    labels = {"IrisDemo/fluid_round": 1, "IrisDemo/dense_plate": 10}
+    both = ["IrisDemo/dense_plate", "IrisDemo/fluid_round"]
+    assert resolve_classes(both, "memory", dataset_labels=labels) == {
+        "IrisDemo/dense_plate": 10,
+        "IrisDemo/fluid_round": 1,
+    }
+    unknown = ["IrisDemo/dense_plate", "Other/liver"]  # a value is unknown: 1..K for all, never a collision
+    assert resolve_classes(unknown, "memory", dataset_labels=labels) == {"IrisDemo/dense_plate": 1, "Other/liver": 2}

@@ -13,6 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from scripts.demo_data import CLASS_NAMES
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ def test_metadata_describes_the_model_that_inference_builds_without_weights(tmp_
     network = parser.get_parsed_content("network_def")
     assert network.settings["network"]["channel_multipliers"] == [1, 4, 8, 16]
     labels = meta["network_data_format"]["post_processed_outputs"]["pred"]["channel_def"]
-    assert labels == {"0": "background", **{str(i + 1): name for i, name in enumerate(classes)}}
+    values = {f"IrisDemo/{name}": value for value, name in enumerate(CLASS_NAMES, start=1)}  # dataset.json's values
+    assert labels == {"0": "background", **{str(values[name]): name for name in classes}}
     assert meta["version"] in meta["changelog"] and "monai-label" in meta["supported_apps"]
     large_files = (BUNDLE / "large_files.yml").read_text()
     assert "models/model.pt" in large_files

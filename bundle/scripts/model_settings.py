@@ -7,7 +7,7 @@
         "network": {"base_channels": 8, "channel_multipliers": [1, 4, 8, 16], ...},  # build_iris_net's arguments
         "patch_size": [32, 32, 32],
         "target_spacing": null,                                                    # or [1.5, 1.5, 1.5]
-        "datasets": {"IrisDemo": {"modality": "CT", "classes": [...], "held_out": [...]}},
+        "datasets": {"IrisDemo": {"modality": "CT", "labels": {"fluid_round": 1, ...}, "held_out": [...]}},
         "bundle_version": "0.5.0",
         "selection": {"metric": "val_seen_dice", "value": 0.66, "iteration": 3200},  # model.pt only
     }
@@ -56,11 +56,10 @@ def training_settings(
     datasets = {}
     for path in dataset_files:
         info = read_dataset_json(Path(path))
-        names = [info.labels[value] for value in sorted(info.labels)]
         datasets[info.name] = {
             "modality": info.modality,
-            "classes": names,
-            "held_out": [name for name in names if name in info.held_out],
+            "labels": {info.labels[value]: value for value in sorted(info.labels)},
+            "held_out": [info.labels[value] for value in sorted(info.labels) if info.labels[value] in info.held_out],
         }
     return {
         "patch_size": [int(size) for size in patch_size],
@@ -87,7 +86,8 @@ def load_network_state(path: str | Path) -> dict[str, Any]:
 
 def read_model_settings(path: str | Path) -> dict[str, Any]:
     """The settings ``path`` records, flat: the network's hyper-parameters, ``patch_size``, ``target_spacing``,
-    ``modality`` (None when the model saw several), ``memory_classes``, ``datasets``, ``bundle_version``.
+    ``modality`` (None when the model saw several), ``memory_classes``, ``datasets``, ``dataset_labels`` (global class
+    name -> label value in its dataset), ``bundle_version``.
 
     A missing file gives ``{}`` (the configs then use their defaults, e.g. for the model zoo's shape checks without
     weights); a model saved before settings were recorded gives only its memory classes, with a warning. The file is
@@ -115,7 +115,13 @@ def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
     for key in ("patch_size", "target_spacing", "datasets", "bundle_version", "selection"):
         if key in saved:
             settings[key] = saved[key]
-    modalities = {dataset["modality"].upper() for dataset in saved.get("datasets", {}).values()}
+    datasets = saved.get("datasets", {})
+    settings["dataset_labels"] = {
+        f"{name}/{label}": int(value)
+        for name, dataset in datasets.items()
+        for label, value in dataset["labels"].items()
+    }
+    modalities = {dataset["modality"].upper() for dataset in datasets.values()}
     if modalities:
         settings["modality"] = modalities.pop() if len(modalities) == 1 else None
     return settings

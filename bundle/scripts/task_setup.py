@@ -40,13 +40,15 @@ def resolve_classes(
     strategy: str,
     embeddings_file: str | None = None,
     memory_classes: Sequence[str] = (),
+    dataset_labels: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Class name -> output label value.
 
-    ``classes`` maps names to values in the support labels; for ``memory`` it lists memory-bank class names (output
-    values 1..K). Without ``classes``, an existing ``embeddings_file`` provides them, and the ``memory`` strategy
-    takes every class of ``memory_classes`` (the bank of the bundle's weights); otherwise the result is empty and
-    :class:`TaskSetupHandler` reports it when inference starts.
+    ``classes`` maps names to values in the support labels; for ``memory`` it lists memory-bank class names, written
+    with their label values in their datasets (``dataset_labels``, as the model records them) when those are known
+    and distinct, else as 1..K. Without ``classes``, an existing ``embeddings_file`` provides them, and the ``memory``
+    strategy takes every class of ``memory_classes`` (the bank of the bundle's weights); otherwise the result is empty
+    and :class:`TaskSetupHandler` reports it when inference starts.
     """
     if not classes:
         if embeddings_file and Path(embeddings_file).is_file():
@@ -58,6 +60,10 @@ def resolve_classes(
         return {str(name): int(value) for name, value in classes.items()}
     if strategy != "memory":
         raise SupportSetError(f"'classes' must map names to label values for strategy '{strategy}', got a list.")
+    known = dict(dataset_labels or {})
+    values = [known.get(str(name)) for name in classes]
+    if None not in values and len(set(values)) == len(values) and 0 not in values:
+        return {str(name): int(value) for name, value in zip(classes, values)}
     return {str(name): index + 1 for index, name in enumerate(classes)}
 
 

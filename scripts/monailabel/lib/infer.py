@@ -78,8 +78,11 @@ class IrisInfer(InferTask):
                     MONAILabelError.INFERENCE_ERROR,
                     f"No labelled volume in the datastore and no memory bank in {checkpoint}: label one volume first.",
                 )
+            from scripts.task_setup import resolve_classes  # the bundle's (on sys.path once IrisSettings is made)
+
             task = {"classes": memory_classes, "memory_classes": memory_classes}
-            label_names = {name: index + 1 for index, name in enumerate(memory_classes)}
+            dataset_labels = self.settings.model_settings().get("dataset_labels", {})
+            label_names = resolve_classes(memory_classes, "memory", dataset_labels=dataset_labels)
 
         output_dir = Path(tempfile.mkdtemp(prefix="iris_infer_"))
         self.settings.run(
