@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from PIL import Image
 
 from scripts.errors import user_error
 from scripts.image_io import query_files
@@ -110,7 +111,8 @@ def test_every_strategy_writes_valid_label_maps(strategy: str, checkpoint: Path,
         for name, stats in entry["classes"].items():
             assert stats["voxels"] == int((values == stats["label_value"]).sum())
             assert stats["volume_ml"] == pytest.approx(stats["voxels"] * 1.5**3 / 1000, rel=1e-3)
-        assert Path(entry["segmentation"].replace("_seg.nii.gz", "_preview.png")).is_file()
+        preview = Image.open(entry["segmentation"].replace("_seg.nii.gz", "_preview.png"))
+        assert preview.width >= 512 and preview.height > preview.width / 3  # panels and a legend line per class
     if strategy == "tuning":
         losses = workflow.parser.get_parsed_content("task_setup").tuning_losses
         assert len(losses) == 5 and losses[-1] < losses[0]

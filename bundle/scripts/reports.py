@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .image_io import LoadImagesd
 
@@ -61,9 +61,25 @@ def overlay_panels(
     return np.concatenate(padded, axis=1)
 
 
-def preview(image: np.ndarray, labels: np.ndarray, values: Sequence[int], path: Path) -> None:
-    """Save :func:`overlay_panels` of a segmented query as a PNG."""
-    Image.fromarray(overlay_panels(image, labels, values)).save(path)
+PREVIEW_WIDTH = 512  # pixels at least, so that a preview is readable at a glance
+
+
+def preview(image: np.ndarray, labels: np.ndarray, classes: Mapping[str, int], path: Path) -> None:
+    """Save :func:`overlay_panels` of a segmented query as a PNG, enlarged to at least ``PREVIEW_WIDTH`` pixels (by
+    whole factors, so voxels stay sharp), with a legend: each class name and label value in its colour."""
+    panels = overlay_panels(image, labels, list(classes.values()))
+    factor = max(1, -(-PREVIEW_WIDTH // panels.shape[1]))
+    picture = Image.fromarray(panels.repeat(factor, axis=0).repeat(factor, axis=1))
+    line = 16
+    canvas = Image.new("RGB", (picture.width, picture.height + line * len(classes) + 8))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, (name, value) in enumerate(classes.items()):
+        top = picture.height + 4 + index * line
+        colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
+        draw.rectangle([4, top + 2, 14, top + 12], fill=colour)
+        draw.text((20, top), f"{name} ({value})", fill=colour)
+    canvas.save(path)
 
 
 class InferenceReport:
@@ -125,7 +141,7 @@ class InferenceReport:
             logger.info(f"Wrote {self.queries[-1]['segmentation']} ({found})")
             if self.save_previews:
                 image = np.asarray(self._loader({"image": query})["image"])[0]
-                preview(image, array, list(self.classes.values()), self.output_dir / f"{stem}_preview.png")
+                preview(image, array, self.classes, self.output_dir / f"{stem}_preview.png")
 
     def write(self, engine: Engine) -> None:
         summary = {
