@@ -276,6 +276,24 @@ def test_bad_stitch_dtype_is_named() -> None:
         InContextInferer((16, 16, 16), stitch_dtype="float17")
 
 
+def test_unreadable_queries_are_named_before_any_is_segmented_or_skipped(
+    checkpoint: Path, demo: dict, tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(Path(demo["queries"][0]).read_bytes()[:5000])  # as a copy cut short
+    queries = [demo["queries"][0], str(truncated), demo["queries"][1]]
+    options = {"classes": CLASSES, **{k: demo[k] for k in ("support_images", "support_labels")}}
+    with pytest.raises(Exception) as error:
+        run_inference(checkpoint, tmp_path / "stopped", query_images=queries, **options)
+    assert "Unreadable query images" in chained_messages(error.value) and str(truncated) in chained_messages(
+        error.value
+    )
+    assert not (tmp_path / "stopped").exists()
+    run_inference(checkpoint, tmp_path / "skipped", query_images=queries, skip_invalid=True, **options)
+    written = json.loads((tmp_path / "skipped" / "summary.json").read_text())["queries"]
+    assert [entry["query"] for entry in written] == [demo["queries"][0], demo["queries"][1]]
+
+
 def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> None:
     folder = Path(demo["queries"][0]).parent
     in_folder = query_files(str(folder))

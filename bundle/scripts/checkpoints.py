@@ -24,6 +24,7 @@ from .atomic import atomic_save
 from .distributed import is_main_process, world_size
 from .engines import unwrap
 from .episodes import EpisodeDataset
+from .errors import IrisInputError
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint_"
@@ -154,7 +155,7 @@ class CheckpointManager:
             try:
                 self._load(engine, content)
             except (RuntimeError, KeyError) as error:  # e.g. another network size, or a layout of an older version
-                raise RuntimeError(
+                raise IrisInputError(
                     f"Checkpoint {path} does not fit this training run ({type(error).__name__}: {error}). "
                     "Point ckpt_dir elsewhere, or pass --resume False to start afresh."
                 ) from error

@@ -8,8 +8,10 @@ for NRRD, MHA and DICOM series folders).
 from __future__ import annotations
 
 import glob
+import gzip
 import logging
 import warnings
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
 from monai.transforms import LoadImage, MapTransform
 
 from .errors import IrisInputError
+
+logger = logging.getLogger(__name__)
 
 PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -43,11 +47,34 @@ def image_files(folder: Path) -> list[str]:
     return sorted(str(path) for path in folder.iterdir() if path.is_file() and path.name.lower().endswith(suffixes))
 
 
-def query_files(queries: str | Sequence[str]) -> list[str]:
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why ``path`` cannot be an image (empty, or a truncated or corrupt gzip stream), else None; cheap enough to run
+    on every query before the first is segmented (a gzip file is decompressed as a stream, nothing is kept)."""
+    path = Path(path)
+    if path.is_dir():
+        return None  # a DICOM series folder: read by ITK
+    if path.stat().st_size == 0:
+        return "empty file"
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as error:
+            return f"corrupt or truncated gzip ({error})"
+    return None
+
+
+def query_files(queries: str | Sequence[str], skip_invalid: bool = False) -> list[str]:
     """The query images named by a glob, a folder, a file or a list of files, checked before any is segmented.
 
+    Args:
+        queries: a glob, a folder, a file, or a list of files.
+        skip_invalid: drop unreadable files with a warning (they are listed in the log) instead of stopping.
+
     Raises:
-        QueryFilesError: naming the pattern that matches nothing, or every listed file that does not exist.
+        QueryFilesError: naming the pattern that matches nothing, every listed file that does not exist, or every
+            unreadable file (unless ``skip_invalid``).
     """
     if isinstance(queries, str):
         if Path(queries).is_dir():
@@ -61,7 +88,15 @@ def query_files(queries: str | Sequence[str]) -> list[str]:
     missing = [path for path in files if not Path(path).exists()]
     if missing:
         raise QueryFilesError(f"Query images not found: {', '.join(missing)}.")
-    return files
+    unreadable = {path: reason for path in files if (reason := unreadable_reason(path))}
+    if unreadable:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
+        if not skip_invalid:
+            raise QueryFilesError(
+                f"Unreadable query images: {listed}. Fix or remove them, or pass --skip_invalid true."
+            )
+        logger.warning(f"Skipping unreadable query images: {listed}.")
+    return [path for path in files if path not in unreadable]
 
 
 class _NvImageCodecNotice(logging.Filter):
