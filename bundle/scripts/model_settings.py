@@ -119,7 +119,7 @@ def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
     settings["dataset_labels"] = {
         f"{name}/{label}": int(value)
         for name, dataset in datasets.items()
-        for label, value in dataset["labels"].items()
+        for label, value in dataset.get("labels", {}).items()
     }
     modalities = {dataset["modality"].upper() for dataset in datasets.values()}
     if modalities:
