@@ -290,16 +290,17 @@ def test_unreadable_queries_are_named_before_any_is_segmented_or_skipped(
     )
     assert not (tmp_path / "stopped").exists()
     run_inference(checkpoint, tmp_path / "skipped", query_images=queries, skip_invalid=True, **options)
-    written = json.loads((tmp_path / "skipped" / "summary.json").read_text())["queries"]
-    assert [entry["query"] for entry in written] == [demo["queries"][0], demo["queries"][1]]
+    summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
+    assert [entry["query"] for entry in summary["queries"]] == [demo["queries"][0], demo["queries"][1]]
+    assert list(summary["skipped"]) == [str(truncated)] and "gzip" in summary["skipped"][str(truncated)]
 
 
 def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> None:
     folder = Path(demo["queries"][0]).parent
-    in_folder = query_files(str(folder))
+    in_folder = query_files(str(folder)).files
     assert set(demo["queries"]) <= set(in_folder) and in_folder == sorted(in_folder)
-    assert query_files(str(folder / "*.nii.gz")) == [path for path in in_folder if path.endswith(".nii.gz")]
-    assert query_files(demo["queries"][:1]) == demo["queries"][:1]
+    assert query_files(str(folder / "*.nii.gz")).files == [path for path in in_folder if path.endswith(".nii.gz")]
+    assert query_files(demo["queries"][:1]).files == demo["queries"][:1]
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(FileNotFoundError, match="No query image matches"):
         query_files(str(tmp_path))  # a folder without images

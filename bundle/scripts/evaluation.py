@@ -25,6 +25,8 @@ import torch
 from matplotlib.figure import Figure
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from torch import nn
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .controls import CONTROLS, control_dice
 from .distributed import gather_objects, is_main_process, rank, world_size
@@ -170,9 +172,14 @@ class KShotEvaluation:
             load_model(self.network, self.ckpt_path, self.usage)
         self.network.eval()
         records = Records()
-        for draw in range(self.draws):
-            for k in self.shots:
+        runs = [(draw, k) for draw in range(self.draws) for k in self.shots]
+        with logging_redirect_tqdm(), tqdm(
+            total=len(runs), desc="k-shot evaluation", disable=not is_main_process()
+        ) as bar:
+            for draw, k in runs:
+                bar.set_postfix(draw=draw, k=k)
                 self._evaluate_draw(draw, k, records)
+                bar.update()
         merged = Records()
         for part in gather_objects(records):  # every rank's share, under torchrun
             merged.extend(part)

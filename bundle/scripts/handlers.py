@@ -15,6 +15,7 @@ from ignite.metrics import Metric
 from monai.engines.utils import IterationEvents
 from monai.handlers import ValidationHandler
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .distributed import gather_objects, is_main_process
 from .engines import unwrap
@@ -36,6 +37,33 @@ class IterationValidationHandler(ValidationHandler):
         if self.validator is None:
             raise RuntimeError("IterationValidationHandler needs a validator.")
         self.validator.run(engine.state.iteration)
+
+
+class LogAboveProgressBars:
+    """While the engine runs, console log lines are written above tqdm's progress bars instead of into them
+    (``tqdm.contrib.logging.logging_redirect_tqdm``, which keeps each handler's stream and format)."""
+
+    def __init__(self) -> None:
+        self._redirect = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.COMPLETED, self.stop)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.stop_on_error)
+
+    def start(self, engine: Engine) -> None:
+        if self._redirect is None:
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def stop(self, engine: Engine) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+    def stop_on_error(self, engine: Engine, error: Exception) -> None:
+        self.stop(engine)
+        raise error
 
 
 class ValidationLog:

@@ -13,6 +13,7 @@ import logging
 import warnings
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai.config import KeysCollection
@@ -65,7 +66,15 @@ def unreadable_reason(path: str | Path) -> str | None:
     return None
 
 
-def query_files(queries: str | Sequence[str], skip_invalid: bool = False) -> list[str]:
+@dataclass
+class QueryFiles:
+    """The query images to segment, and the unreadable ones skipped (file -> reason)."""
+
+    files: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def query_files(queries: str | Sequence[str], skip_invalid: bool = False) -> QueryFiles:
     """The query images named by a glob, a folder, a file or a list of files, checked before any is segmented.
 
     Args:
@@ -96,7 +105,7 @@ def query_files(queries: str | Sequence[str], skip_invalid: bool = False) -> lis
                 f"Unreadable query images: {listed}. Fix or remove them, or pass --skip_invalid true."
             )
         logger.warning(f"Skipping unreadable query images: {listed}.")
-    return [path for path in files if path not in unreadable]
+    return QueryFiles([path for path in files if path not in unreadable], unreadable)
 
 
 class _NvImageCodecNotice(logging.Filter):

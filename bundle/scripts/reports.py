@@ -64,22 +64,33 @@ def overlay_panels(
 PREVIEW_WIDTH = 512  # pixels at least, so that a preview is readable at a glance
 
 
-def preview(image: np.ndarray, labels: np.ndarray, classes: Mapping[str, int], path: Path) -> None:
-    """Save :func:`overlay_panels` of a segmented query as a PNG, enlarged to at least ``PREVIEW_WIDTH`` pixels (by
-    whole factors, so voxels stay sharp), with a legend: each class name and label value in its colour."""
-    panels = overlay_panels(image, labels, list(classes.values()))
+def annotated(panels: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """``panels`` (H x W x 3 uint8) enlarged to at least ``PREVIEW_WIDTH`` pixels (by whole factors, so voxels stay
+    sharp) above one line of text per entry, each with a colour swatch: a picture readable at a glance."""
     factor = max(1, -(-PREVIEW_WIDTH // panels.shape[1]))
     picture = Image.fromarray(panels.repeat(factor, axis=0).repeat(factor, axis=1))
     line = 16
-    canvas = Image.new("RGB", (picture.width, picture.height + line * len(classes) + 8))
+    canvas = Image.new("RGB", (picture.width, picture.height + line * len(lines) + 8))
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for index, (name, value) in enumerate(classes.items()):
+    for index, (text, colour) in enumerate(lines):
         top = picture.height + 4 + index * line
-        colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
         draw.rectangle([4, top + 2, 14, top + 12], fill=colour)
-        draw.text((20, top), f"{name} ({value})", fill=colour)
-    canvas.save(path)
+        draw.text((20, top), text, fill=colour)
+    return np.asarray(canvas)
+
+
+def preview(image: np.ndarray, labels: np.ndarray, classes: Mapping[str, int], path: Path) -> None:
+    """Save :func:`overlay_panels` of a segmented query as a PNG with a legend: each class name and label value in
+    its colour."""
+    panels = overlay_panels(image, labels, list(classes.values()))
+    legend = [(f"{name} ({value})", palette_colour(index)) for index, (name, value) in enumerate(classes.items())]
+    Image.fromarray(annotated(panels, legend)).save(path)
+
+
+def palette_colour(index: int) -> tuple[int, int, int]:
+    """The colour :func:`overlay_panels` gives the ``index``-th label value."""
+    return tuple(int(c) for c in PALETTE[index % len(PALETTE)])
 
 
 class InferenceReport:
@@ -93,6 +104,7 @@ class InferenceReport:
         embeddings_file: the embeddings file used or written, if any.
         save_previews: write ``<query>_preview.png``.
         output_ext: suffix of the written segmentations (``.png`` for 2D queries).
+        skipped: unreadable queries that were skipped (file -> reason), listed in the summary.
     """
 
     def __init__(
@@ -104,8 +116,10 @@ class InferenceReport:
         embeddings_file: str | None = None,
         save_previews: bool = True,
         output_ext: str = ".nii.gz",
+        skipped: Mapping[str, str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.skipped = dict(skipped or {})
         self.classes = dict(classes)
         self.strategy = strategy
         self.references = list(references)
@@ -149,6 +163,7 @@ class InferenceReport:
             "references": self.references,
             "embeddings_file": self.embeddings_file,
             "queries": self.queries,
+            "skipped": self.skipped,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=4))

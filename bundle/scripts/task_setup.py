@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .engines import unwrap
 from .inferers import InContextInferer
@@ -155,10 +157,16 @@ class TaskSetupHandler:
             embeddings = ensemble(per_reference, present)
             if self.strategy == "tuning":
                 patches = tuning_patches(per_class, values, self.patch_size)
-                embeddings = tune(
-                    network, embeddings, patches, self.tuning_steps, self.tuning_lr,
-                    on_step=lambda step, loss: self.tuning_losses.append(loss),
-                )  # fmt: skip
+                with logging_redirect_tqdm(), tqdm(
+                    total=self.tuning_steps, desc="in-context tuning", leave=False
+                ) as bar:
+
+                    def on_step(step: int, loss: float) -> None:
+                        self.tuning_losses.append(loss)
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        bar.update()
+
+                    embeddings = tune(network, embeddings, patches, self.tuning_steps, self.tuning_lr, on_step=on_step)
                 logger.info(
                     f"In-context tuning: support loss {self.tuning_losses[0]:.4f} -> {self.tuning_losses[-1]:.4f}"
                 )

@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from monai.utils import optional_import
 
-from .reports import overlay_panels
+from .reports import annotated, overlay_panels, palette_colour
 from .transforms import label_map
 
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
@@ -55,7 +55,9 @@ class ValidationOverlays:
         foreground = np.argwhere(truth > 0)
         centre = foreground.mean(0).astype(int) if len(foreground) else None
         panels = [overlay_panels(image, labels, values, centre) for labels in (truth, pred)]
-        self.cases.append(np.concatenate(panels, axis=0))
+        caption = [("top: truth, bottom: prediction; three slices through the truth's centre", (255, 255, 255))]
+        caption += [(f"requested class {k + 1}", palette_colour(k)) for k in range(len(values))]
+        self.cases.append(annotated(np.concatenate(panels, axis=0), caption))
 
     def write(self, engine: Engine) -> None:
         if self.writer is None:
