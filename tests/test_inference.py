@@ -20,6 +20,7 @@ from scripts.image_io import query_files
 from scripts.inferers import InContextInferer
 from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
+from scripts.reports import overlay_panels, preview
 from scripts.support import SupportSetError
 from scripts.task_setup import resolve_classes
 from scripts.transforms import label_map
@@ -342,3 +343,16 @@ def test_memory_classes_keep_their_dataset_label_values() -> None:
     }
     unknown = ["IrisDemo/dense_plate", "Other/liver"]  # a value is unknown: 1..K for all, never a collision
     assert resolve_classes(unknown, "memory", dataset_labels=labels) == {"IrisDemo/dense_plate": 1, "Other/liver": 2}
+
+
+def test_previews_show_the_reference_above_the_query(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).random((40, 40, 30)).astype(np.float32)
+    labels = np.zeros((40, 40, 30), np.int16)
+    labels[10:20, 10:20, 10:20], labels[25:30, 25:30, 5:15] = 1, 10
+    classes = {"fluid_round": 1, "dense_plate": 10}
+    preview(image, labels, classes, tmp_path / "query.png")
+    preview(image, labels, classes, tmp_path / "both.png", ("ref.nii.gz", overlay_panels(image, labels, [1, 10])))
+    alone, both = Image.open(tmp_path / "query.png"), Image.open(tmp_path / "both.png")
+    assert alone.width >= 512 and both.width == alone.width and both.height > 1.5 * alone.height - 100
+    legend = np.asarray(alone)[-40:]  # the legend lines hold each class's colour
+    assert all((legend == colour).all(-1).any() for colour in ((230, 25, 75), (60, 180, 75)))

@@ -80,11 +80,23 @@ def annotated(panels: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int
     return np.asarray(canvas)
 
 
-def preview(image: np.ndarray, labels: np.ndarray, classes: Mapping[str, int], path: Path) -> None:
+def preview(
+    image: np.ndarray,
+    labels: np.ndarray,
+    classes: Mapping[str, int],
+    path: Path,
+    reference: tuple[str, np.ndarray] | None = None,
+) -> None:
     """Save :func:`overlay_panels` of a segmented query as a PNG with a legend: each class name and label value in
-    its colour."""
+    its colour. With ``reference`` (its name and its own panels), the reference is shown above the query."""
     panels = overlay_panels(image, labels, list(classes.values()))
     legend = [(f"{name} ({value})", palette_colour(index)) for index, (name, value) in enumerate(classes.items())]
+    if reference is not None:
+        name, reference_panels = reference
+        width = max(panels.shape[1], reference_panels.shape[1])
+        rows = [np.pad(p, ((0, 2), (0, width - p.shape[1]), (0, 0))) for p in (reference_panels, panels)]
+        panels = np.concatenate(rows, axis=0)
+        legend = [(f"top: reference {name}; bottom: the query", (255, 255, 255)), *legend]
     Image.fromarray(annotated(panels, legend)).save(path)
 
 
@@ -101,6 +113,7 @@ class InferenceReport:
         classes: class name -> label value.
         strategy: the inference strategy, recorded in the summary.
         references: the reference images used (empty for the memory bank or an embeddings file).
+        reference_labels: their label maps; the first reference is shown above each query in the previews.
         embeddings_file: the embeddings file used or written, if any.
         save_previews: write ``<query>_preview.png``.
         output_ext: suffix of the written segmentations (``.png`` for 2D queries).
@@ -117,6 +130,7 @@ class InferenceReport:
         save_previews: bool = True,
         output_ext: str = ".nii.gz",
         skipped: Mapping[str, str] | None = None,
+        reference_labels: Sequence[str] = (),
     ) -> None:
         self.output_dir = Path(output_dir)
         self.skipped = dict(skipped or {})
@@ -128,6 +142,18 @@ class InferenceReport:
         self.output_ext = output_ext
         self.queries: list[dict] = []
         self._loader = LoadImagesd("image")  # as the query was read (2D files with PIL)
+        self.reference_labels = list(reference_labels)
+        self._reference: tuple[str, np.ndarray] | None = None
+
+    def reference_panels(self) -> tuple[str, np.ndarray] | None:
+        """The first reference with the requested classes coloured in (read once), or None without references."""
+        if self._reference is None and self.references and self.reference_labels:
+            data = LoadImagesd(["image", "label"])({"image": self.references[0], "label": self.reference_labels[0]})
+            image, label = (np.asarray(data[key])[0] for key in ("image", "label"))
+            values = list(self.classes.values())
+            label = np.where(np.isin(label, values), label, 0)
+            self._reference = (Path(self.references[0]).name, overlay_panels(image, label, values))
+        return self._reference
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
@@ -155,7 +181,8 @@ class InferenceReport:
             logger.info(f"Wrote {self.queries[-1]['segmentation']} ({found})")
             if self.save_previews:
                 image = np.asarray(self._loader({"image": query})["image"])[0]
-                preview(image, array, self.classes, self.output_dir / f"{stem}_preview.png")
+                path = self.output_dir / f"{stem}_preview.png"
+                preview(image, array, self.classes, path, self.reference_panels())
 
     def write(self, engine: Engine) -> None:
         summary = {
