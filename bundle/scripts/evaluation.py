@@ -32,7 +32,7 @@ from .controls import CONTROLS, control_dice
 from .distributed import gather_objects, is_main_process, rank, world_size
 from .inferers import InContextInferer
 from .metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
-from .model_settings import built_settings, check_requested, load_model
+from .model_settings import load_model
 from .pool import DatasetPool, Subject
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import Reference
@@ -70,7 +70,8 @@ class KShotEvaluation:
         inferer: sliding-window in-context inferer.
         output_dir: where results are written.
         ckpt_path: model to evaluate (``model.pt`` or a training checkpoint); None keeps the current weights. A
-            network size, patch size or spacing that contradicts the model's own settings is refused at once.
+            network size, patch size or spacing that contradicts the model's own settings is refused before any
+            subject is segmented.
         shots: the values of k.
         strategies: strategies to compare (``memory`` is k-independent and reported under every k).
         draws: independent reference draws averaged per k.
@@ -111,8 +112,6 @@ class KShotEvaluation:
         self.k_independence_cases = k_independence_cases
         self.mean_voxels = train_pool.mean_class_voxels()
         self.usage = {"patch_size": list(self.patch_size), "target_spacing": val_pool.target_spacing}
-        if ckpt_path:
-            check_requested(ckpt_path, {**built_settings(network), **self.usage})
 
     def _embeddings(
         self,

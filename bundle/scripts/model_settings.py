@@ -32,6 +32,7 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 from torch import nn
 
+from .engines import unwrap
 from .errors import IrisInputError
 from .pool import read_dataset_json
 from .transforms import target_spacing_or_native
@@ -121,9 +122,10 @@ def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
         for name, dataset in datasets.items()
         for label, value in dataset.get("labels", {}).items()
     }
-    modalities = {dataset["modality"].upper() for dataset in datasets.values()}
+    modalities = sorted({dataset["modality"].upper() for dataset in datasets.values()})
     if modalities:
-        settings["modality"] = modalities.pop() if len(modalities) == 1 else None
+        settings["modalities"] = modalities
+        settings["modality"] = modalities[0] if len(modalities) == 1 else None
     return settings
 
 
@@ -144,8 +146,9 @@ def model_modality(path: str | Path, default: str = "CT") -> str:
     if "modality" not in settings:
         return default
     if settings["modality"] is None:
-        trained = sorted({dataset["modality"] for dataset in settings["datasets"].values()})
-        raise ModelSettingsError(f"{path} was trained on {' and '.join(trained)} images: pass --modality.")
+        raise ModelSettingsError(
+            f"{path} was trained on {' and '.join(settings['modalities'])} images: pass --modality."
+        )
     return settings["modality"]
 
 
@@ -165,10 +168,8 @@ def check_requested(path: str | Path, requested: Mapping[str, Any]) -> None:
     if "target_spacing" in requested:
         requested["target_spacing"] = target_spacing_or_native(requested["target_spacing"])
     for key, value in requested.items():
-        if key == "modality" and saved.get(key, "") is None:  # trained on several: any of them may be asked for
-            known = {dataset["modality"].upper() for dataset in saved["datasets"].values()}
-            if str(value).upper() in known:
-                continue
+        if key == "modality" and saved.get(key, "") is None and str(value).upper() in saved["modalities"]:
+            continue  # trained on several modalities: any of them may be asked for
         if key in saved and not _same(saved[key], value):
             raise ModelSettingsError(
                 f"{path} was trained with {key} {json.dumps(saved[key])}, but {json.dumps(value)} was asked for: "
@@ -178,15 +179,14 @@ def check_requested(path: str | Path, requested: Mapping[str, Any]) -> None:
 
 def built_settings(network: nn.Module) -> dict[str, Any]:
     """The hyper-parameters ``network`` (an IrisNet, or a wrapper of one) was built with."""
-    network = getattr(network, "module", network)
-    return dict(getattr(network, "settings", {}).get("network", {}))
+    return dict(getattr(unwrap(network), "settings", {}).get("network", {}))
 
 
 def load_model(network: nn.Module, path: str | Path, usage: Mapping[str, Any] | None = None) -> None:
     """Load the model at ``path`` (model.pt or a checkpoint) strictly into ``network``, after refusing a network size
     or a ``usage`` setting (patch size, spacing, modality) that contradicts the model's."""
     check_requested(path, {**built_settings(network), **(usage or {})})
-    getattr(network, "module", network).load_state_dict(load_network_state(path))
+    unwrap(network).load_state_dict(load_network_state(path))
 
 
 class ModelLoader(CheckpointLoader):
@@ -211,7 +211,7 @@ class ModelLoader(CheckpointLoader):
         keep_settings: bool = False,
     ) -> None:
         super().__init__(load_path, {"network": network}, map_location=map_location)
-        self.network = getattr(network, "module", network)
+        self.network = unwrap(network)
         self.usage = dict(usage or {})
         self.keep_settings = keep_settings
 
