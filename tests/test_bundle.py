@@ -111,6 +111,8 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert {"train_loss", "learning_rate", *reference_following} <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("val_seen_dice")] == [2, 4]  # validations at their iterations
     assert "Validation at iteration 2: " in logs
+    assert "Training from iteration 0 to 4" in logs and "Training finished in" in logs
+    assert "Engine run resuming" not in logs and "Epoch[" not in logs  # ignite's epoch wording, meaningless here
 
     tracking = mlflow.tracking.MlflowClient(path_to_sqlite_uri(str(output_dir / "mlruns.db")))
     runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])

@@ -20,6 +20,7 @@ from scripts.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndepend
 from scripts.networks import build_iris_net
 from scripts.optimizers import Lamb
 from scripts.pool import DatasetPool
+from scripts.visuals import ValidationOverlays
 
 PATCH = (32, 32, 32)
 
@@ -133,8 +134,13 @@ def test_evaluator_encodes_each_reference_once_and_measures_reference_following(
         patch_size=PATCH,
         k_independence_cases=1,
     )
+    overlays = ValidationOverlays(evaluator, log_dir="unused", max_cases=1, class_names=names)
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, overlays.capture)
     evaluator.run()
     assert len(calls) == len(dataset)  # one support encoding per case, not per sliding window
+    last_case = [names[i] for i in dataset[len(dataset) - 1]["class_ids"].tolist()]
+    assert overlays.legend_names(evaluator.state.output, len(last_case)) == last_case  # the legend names classes
+    assert len(overlays.cases) == 1 and overlays.cases[0].shape[0] >= 512
     scores = evaluator.state.metrics
     for name in ("val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "position_rule_seen_dice"):
         assert 0.0 <= scores[name] <= 1.0, name

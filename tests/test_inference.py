@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -16,12 +17,12 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from scripts.errors import user_error
-from scripts.image_io import query_files
+from scripts.image_io import query_files, unreadable_reason
 from scripts.inferers import InContextInferer
 from scripts.model_settings import training_settings
 from scripts.networks import build_iris_net
 from scripts.reports import overlay_panels, preview
-from scripts.support import SupportSetError
+from scripts.support import SupportSetError, load_references
 from scripts.task_setup import resolve_classes
 from scripts.transforms import label_map
 
@@ -294,6 +295,29 @@ def test_unreadable_queries_are_named_before_any_is_segmented_or_skipped(
     summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
     assert [entry["query"] for entry in summary["queries"]] == [demo["queries"][0], demo["queries"][1]]
     assert list(summary["skipped"]) == [str(truncated)] and "gzip" in summary["skipped"][str(truncated)]
+
+
+def test_broken_headers_and_short_data_are_found_before_loading(demo: dict, tmp_path: Path) -> None:
+    """A valid gzip stream can still hold a broken NIfTI header or too little data: both are named up front."""
+    good = gzip.decompress(Path(demo["queries"][0]).read_bytes())
+    cases = {
+        "header.nii.gz": gzip.compress(b"\0" * 348 + good[348:]),  # the header zeroed, the gzip stream intact
+        "short.nii.gz": gzip.compress(good[: len(good) // 2]),  # half the voxels
+        "short.nii": good[: len(good) - 10],
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    reasons = query_files(str(tmp_path), skip_invalid=True).skipped
+    assert "broken NIfTI header" in reasons[str(tmp_path / "header.nii.gz")]
+    assert (
+        "cut short" in reasons[str(tmp_path / "short.nii.gz")] and "cut short" in reasons[str(tmp_path / "short.nii")]
+    )
+    assert unreadable_reason(demo["queries"][0]) is None
+    (tmp_path / "whole.nii").write_bytes(good)
+    assert unreadable_reason(tmp_path / "whole.nii") is None
+    label = str(tmp_path / "short.nii.gz")  # a broken reference label is named before any reference is loaded
+    with pytest.raises(SupportSetError, match=f"Unreadable support files: {label}: NIfTI data cut short"):
+        load_references(demo["support_images"][:1], [label], CLASSES)
 
 
 def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,7 +55,9 @@ def test_killed_run_resumes_to_the_same_weights(demo_dataset: Path, tmp_path: Pa
     assert first and first[-1].name != "checkpoint_00000012.pt"  # killed before the end
 
     result = run(command)
-    assert "Resuming training from" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "Resuming training from" in log and "Training from iteration 0 " not in log  # the restored iteration
+    assert re.search(r"Training from iteration [1-9]\d* to 12", log), log[-3000:]
     resumed, expected = final_network(interrupted), final_network(reference)
     assert resumed.keys() == expected.keys()
     for key, value in expected.items():

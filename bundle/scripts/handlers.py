@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.engines.utils import IterationEvents
-from monai.handlers import ValidationHandler
+from monai.handlers import ValidationHandler, from_engine
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -64,6 +64,81 @@ class LogAboveProgressBars:
     def stop_on_error(self, engine: Engine, error: Exception) -> None:
         self.stop(engine)
         raise error
+
+
+class WindowMeanLoss:
+    """The mean training loss over each window of ``window`` iterations, so that the console, TensorBoard and the
+    training curves report the same number instead of one iteration's noisy loss.
+
+    It is the ``iteration_print_logger`` of MONAI's ``StatsHandler`` (run every iteration): it adds each loss on the
+    device, so the mean costs no host sync per iteration, and at the end of a window logs "Iteration N/T: train_loss
+    ...". Handlers attached after that ``StatsHandler`` read :attr:`value`; :meth:`write` is the
+    ``iteration_event_writer`` of MONAI's ``TensorBoardStatsHandler``.
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"log_every must be >= 1, got {window}.")
+        self.window = window
+        self.value = math.nan
+        self._sum: torch.Tensor | float = 0.0
+        self._count = 0
+
+    def __call__(self, engine: Engine) -> None:
+        self._sum = self._sum + torch.as_tensor(from_engine(["loss"], first=True)(engine.state.output)).detach().float()
+        self._count += 1
+        total = engine.state.epoch_length * engine.state.max_epochs
+        if engine.state.iteration % self.window and engine.state.iteration != total:
+            return
+        self.value, count = float(self._sum) / self._count, self._count
+        self._sum, self._count = 0.0, 0
+        logger.info(f"Iteration {engine.state.iteration}/{total}: train_loss {self.value:.4f} (mean of {count})")
+
+    def write(self, engine: Engine, writer) -> None:
+        """Write the last window's mean to TensorBoard as ``train_loss`` at the trainer's iteration."""
+        writer.add_scalar("train_loss", self.value, engine.state.iteration)
+        writer.flush()
+
+
+class EngineLogText(logging.Filter):
+    """Say what ignite's engine messages mean in episodic training, where the trainer runs one long epoch and every
+    validation is a run of the evaluator numbered by the trainer's iteration (see :class:`IterationValidationHandler`).
+
+    ignite words them for epochs and counts every run that MONAI set up as "resuming", so a fresh run would say
+    "Engine run resuming from iteration 0" and each validation "Epoch[800] Complete". This filter drops that epoch
+    bookkeeping (:class:`ValidationLog` reports each validation), says "Training from iteration N to T" once the
+    checkpoint handlers (attached before it) have restored the iteration, and "Training finished in ...".
+
+    Args:
+        role: ``"training"`` for the trainer, ``"validation"`` for the evaluator.
+    """
+
+    def __init__(self, role: str = "training") -> None:
+        super().__init__()
+        if role not in ("training", "validation"):
+            raise ValueError(f"EngineLogText role must be 'training' or 'validation', got {role!r}.")
+        self.role = role
+
+    def attach(self, engine: Engine) -> None:
+        for old in [f for f in engine.logger.filters if isinstance(f, EngineLogText)]:
+            engine.logger.removeFilter(old)  # one per engine class (ignite's loggers are named by class)
+        engine.logger.addFilter(self)
+        if self.role == "training":
+            engine.add_event_handler(Events.STARTED, self.log_start)
+
+    @staticmethod
+    def log_start(engine: Engine) -> None:
+        state = engine.state
+        engine.logger.info(f"Training from iteration {state.iteration} to {state.epoch_length * state.max_epochs}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(("Engine run resuming", "Engine run starting", "Epoch[")):
+            return False
+        if message.startswith("Engine run finished. Time taken:"):
+            words = "Training finished in" if self.role == "training" else "Validation took"
+            record.msg, record.args = message.replace("Engine run finished. Time taken:", words), ()
+        return True
 
 
 class ValidationLog:

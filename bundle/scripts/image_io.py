@@ -16,6 +16,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 from monai.config import KeysCollection
 from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
 from monai.transforms import LoadImage, MapTransform
@@ -48,21 +50,40 @@ def image_files(folder: Path) -> list[str]:
     return sorted(str(path) for path in folder.iterdir() if path.is_file() and path.name.lower().endswith(suffixes))
 
 
+def _nifti_problem(path: Path, data_bytes: int) -> str | None:
+    """What is wrong with a NIfTI file's header, or its data size given ``data_bytes`` after decompression."""
+    try:
+        image = nib.load(str(path))
+        shape, dtype, offset = image.shape, image.get_data_dtype(), int(image.dataobj.offset)
+    except Exception as error:  # nibabel raises many types for a broken header
+        return f"broken NIfTI header ({error})"
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data_bytes < expected:
+        return f"NIfTI data cut short ({data_bytes} of {expected} bytes for shape {tuple(shape)}, {dtype})"
+    return None
+
+
 def unreadable_reason(path: str | Path) -> str | None:
-    """Why ``path`` cannot be an image (empty, or a truncated or corrupt gzip stream), else None; cheap enough to run
-    on every query before the first is segmented (a gzip file is decompressed as a stream, nothing is kept)."""
+    """Why ``path`` cannot be an image (empty, a truncated or corrupt gzip stream, a broken NIfTI header or data cut
+    short), else None; cheap enough to run on every query before the first is segmented (a gzip file is decompressed
+    as a stream, nothing is kept)."""
     path = Path(path)
     if path.is_dir():
         return None  # a DICOM series folder: read by ITK
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         return "empty file"
-    if path.name.lower().endswith(".gz"):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        size = 0
         try:
             with gzip.open(path, "rb") as stream:
-                while stream.read(1 << 24):
-                    pass
+                while chunk := stream.read(1 << 24):
+                    size += len(chunk)
         except (OSError, EOFError, zlib.error) as error:
             return f"corrupt or truncated gzip ({error})"
+    if name.endswith((".nii", ".nii.gz")):
+        return _nifti_problem(path, size)
     return None
 
 

@@ -12,7 +12,7 @@ from monai.transforms import Compose
 
 from .episodes import binary_masks, bounding_box_centre, crop_around
 from .errors import IrisInputError
-from .image_io import LoadImagesd
+from .image_io import LoadImagesd, unreadable_reason
 from .pool import Subject
 from .transforms import subject_preprocessing
 
@@ -79,6 +79,9 @@ def load_references(
     missing = [path for path in [*images, *labels] if not Path(path).exists()]  # a DICOM series is a folder
     if missing:
         raise SupportSetError(f"Support files not found: {missing}")
+    unreadable = [f"{path}: {reason}" for path in [*images, *labels] if (reason := unreadable_reason(path))]
+    if unreadable:
+        raise SupportSetError("Unreadable support files: " + "; ".join(unreadable))
     transform = preprocessing(modality, target_spacing, keys=("image", "label"), in_channels=in_channels)
     references, problems = [], []
     for image_path, label_path in zip(images, labels):

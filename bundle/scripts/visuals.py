@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import from_engine
 from monai.utils import optional_import
 
+from .handlers import WindowMeanLoss
 from .reports import annotated, overlay_panels, palette_colour
 from .transforms import label_map
 
@@ -27,12 +28,14 @@ class ValidationOverlays:
         evaluator: the validation engine, whose outputs hold ``image``, ``label`` (masks) and ``pred`` (logits).
         log_dir: TensorBoard folder.
         max_cases: queries shown per validation.
+        class_names: the pool's class names, which the outputs' ``class_ids`` index: the legend names each class.
     """
 
-    def __init__(self, evaluator: Engine, log_dir: str, max_cases: int = 2) -> None:
+    def __init__(self, evaluator: Engine, log_dir: str, max_cases: int = 2, class_names: Sequence[str] = ()) -> None:
         self.evaluator = evaluator
         self.log_dir = log_dir
         self.max_cases = max_cases
+        self.class_names = list(class_names)
         self.cases: list[np.ndarray] = []
         self.trainer: Engine | None = None
         self.writer = None
@@ -56,8 +59,15 @@ class ValidationOverlays:
         centre = foreground.mean(0).astype(int) if len(foreground) else None
         panels = [overlay_panels(image, labels, values, centre) for labels in (truth, pred)]
         caption = [("top: truth, bottom: prediction; three slices through the truth's centre", (255, 255, 255))]
-        caption += [(f"requested class {k + 1}", palette_colour(k)) for k in range(len(values))]
+        caption += [(name, palette_colour(k)) for k, name in enumerate(self.legend_names(output, len(values)))]
         self.cases.append(annotated(np.concatenate(panels, axis=0), caption))
+
+    def legend_names(self, output: dict, count: int) -> list[str]:
+        """The name of each requested class, from ``class_ids`` when the pool's names are known."""
+        class_ids = output.get("class_ids")
+        if class_ids is None or not self.class_names:
+            return [f"requested class {k + 1}" for k in range(count)]
+        return [self.class_names[int(i)] if int(i) >= 0 else "padding" for i in class_ids[0].tolist()]
 
     def write(self, engine: Engine) -> None:
         if self.writer is None:
@@ -76,16 +86,16 @@ class TrainingCurves:
         optimizer: the optimizer whose first group's learning rate is recorded.
         evaluator: the validation engine; its metrics are recorded after each run.
         output_dir: where the PNG, the JSON and the TensorBoard scalars go.
-        log_every: iterations between loss / learning-rate points (the loss is averaged over them).
+        loss: the mean loss of each logging window, attached to the trainer before this handler; a point is recorded
+            at the end of each of its windows.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, evaluator: Engine, output_dir: str, log_every: int = 50):
+    def __init__(self, optimizer: torch.optim.Optimizer, evaluator: Engine, output_dir: str, loss: WindowMeanLoss):
         self.optimizer = optimizer
         self.evaluator = evaluator
         self.output_dir = Path(output_dir)
-        self.log_every = log_every
+        self.loss = loss
         self.history: dict[str, list] = {"iteration": [], "loss": [], "lr": [], "validation": []}
-        self._losses: list[float] = []
         self.trainer: Engine | None = None
         self.writer = None
 
@@ -111,14 +121,12 @@ class TrainingCurves:
         ]
 
     def record(self, engine: Engine) -> None:
-        self._losses.append(float(from_engine(["loss"], first=True)(engine.state.output)))
-        if engine.state.iteration % self.log_every and engine.state.iteration != engine.state.epoch_length:
+        if engine.state.iteration % self.loss.window and engine.state.iteration != engine.state.epoch_length:
             return
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.history["iteration"].append(engine.state.iteration)
-        self.history["loss"].append(float(np.mean(self._losses)))
+        self.history["loss"].append(self.loss.value)
         self.history["lr"].append(lr)
-        self._losses.clear()
         if self.writer is None:
             self.writer = SummaryWriter(log_dir=str(self.output_dir))
         self.writer.add_scalar("learning_rate", lr, engine.state.iteration)
