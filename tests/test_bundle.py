@@ -105,6 +105,17 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert [v["iteration"] for v in curves["validation"]][:2] == [2, 4]
     assert Image.open(output_dir / "training_curves.png").size[0] > 0
 
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [2, 4] and all("val_seen_dice" in line for line in lines)
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["iterations"] == 4 and summary["resumed_from_iteration"] == 0 and summary["wall_time_seconds"] > 0
+    seen = summary["metrics"]["val_seen_dice"]
+    assert seen["final"] == lines[-1]["val_seen_dice"] and seen["best"] == max(line["val_seen_dice"] for line in lines)
+    assert 0 < summary["learning_rate"]["min"] <= summary["learning_rate"]["max"]
+    assert summary["checkpoints"]["best_model"] == str(ckpt_dir / "model.pt") and summary["checkpoints"]["periodic"]
+    assert summary["data_pool"]["training"][0]["name"] == "IrisDemo" and summary["data_pool"]["training"][0]["subjects"]
+    assert summary["versions"]["bundle"] == bundle_version()
+
     events = EventAccumulator(str(output_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert {"val_overlay/0", "val_overlay/1"} <= set(events.Tags()["images"])

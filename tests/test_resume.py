@@ -118,6 +118,11 @@ def test_a_resumed_run_keeps_a_better_model(demo_dataset: Path, tmp_path: Path) 
     assert [v["iteration"] for v in curves["validation"]] == [3, 6, 9, 12]
     assert curves["iteration"] == [6, 12]  # the loss point of the first run, then the resumed run's
     assert "Validation at iteration 9: " in result.stdout + result.stderr
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [3, 6, 9, 12]  # appended, nothing lost
+    summary = json.loads((run_dir / "logs" / "training_summary.json").read_text())
+    assert summary["iterations"] == 12 and summary["resumed_from_iteration"] == 6
+    assert summary["metrics"]["val_seen_dice"]["final_iteration"] == 12
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
