@@ -71,7 +71,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
         "--ckpt_dir", str(ckpt_dir),
         "--output_dir", str(output_dir),
         "--total_iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--log_every", "2",
-        "--num_workers", "0", "--tracking", "mlflow", *TINY,
+        "--num_workers", "0", "--tracking", "mlflow", "--average_last_checkpoints", "2", *TINY,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -143,10 +143,15 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert sorted(settings["datasets"]["IrisDemo"]["held_out"]) == sorted(HELD_OUT_LABELS)
     assert settings["selection"]["metric"] == "val_seen_dice" and settings["selection"]["iteration"] in (2, 4)
     assert read_model_settings(periodic[-1])["base_channels"] == 4  # training checkpoints too
+    averaged = torch.load(ckpt_dir / "model_averaged.pt", weights_only=True)  # the mean of the last 2 checkpoints
+    last_two = [torch.load(path, weights_only=True)["network"] for path in periodic[-2:]]
+    name = "encoder.stages.0.0.conv1.conv.weight"
+    torch.testing.assert_close(averaged[name], (last_two[0][name] + last_two[1][name]) / 2)
+    assert summary["checkpoints"]["averaged_model"] == str(ckpt_dir / "model_averaged.pt")
     query = json.loads(demo_dataset.read_text())["validation"][0]["image"]
     monai_bundle = [sys.executable, "-m", "monai.bundle"]
     infer = [*monai_bundle, "run", "--config_file", "bundle/configs/inference.json", "--bundle_root", "bundle"]
-    infer += ["--ckpt_path", str(ckpt_dir / "model.pt"), "--output_dir", str(tmp_path / "seg")]
+    infer += ["--ckpt_path", str(ckpt_dir / "model_averaged.pt"), "--output_dir", str(tmp_path / "seg")]
     infer += ["--query_images", json.dumps([str(demo_dataset.parent / query)])]
     result = subprocess.run(infer, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]

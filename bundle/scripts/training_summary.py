@@ -109,7 +109,10 @@ class TrainingSummary:
                 "final": self._lr(),
             },
             "checkpoints": {
-                "best_model": str(self.ckpt_dir / "model.pt") if (self.ckpt_dir / "model.pt").is_file() else None,
+                **{
+                    key: str(self.ckpt_dir / name) if (self.ckpt_dir / name).is_file() else None
+                    for key, name in (("best_model", "model.pt"), ("averaged_model", "model_averaged.pt"))
+                },
                 "periodic": sorted(str(path) for path in self.ckpt_dir.glob("checkpoint_*.pt")),
             },
             "data_pool": {role: pool_summary(pool) for role, pool in self.pools.items()},

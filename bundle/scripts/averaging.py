@@ -1,0 +1,73 @@
+"""Checkpoint averaging: the mean of the network weights of the last periodic checkpoints, a model that often
+generalises better than any one of them (as stochastic weight averaging), saved as ``model_averaged.pt``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+from .atomic import atomic_save
+from .errors import IrisInputError
+
+logger = logging.getLogger(__name__)
+
+
+def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> dict:
+    """Average the ``network`` weights of training checkpoints (or plain state dicts) and save them atomically.
+
+    Floating-point tensors are averaged. Everything else (integer buffers such as the memory bank's counts, the
+    settings) comes from the newest checkpoint, the last of ``paths``; so does a tensor whose shape changed between
+    checkpoints (the memory bank grows when new classes arrive). The settings record which checkpoints were averaged.
+
+    Returns:
+        the averaged state dict, loadable like ``model.pt``.
+    """
+    if not paths:
+        raise IrisInputError("No checkpoint to average: train with checkpoint_every set, or pass checkpoint files.")
+    states = []
+    for path in paths:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        states.append(content.get("network", content))
+    newest = dict(states[-1])
+    averaged = {}
+    for name, value in newest.items():
+        same = [state[name] for state in states if name in state and _same_shape(state[name], value)]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and len(same) == len(states):
+            averaged[name] = torch.stack([tensor.float() for tensor in same]).mean(0).to(value.dtype)
+        else:
+            averaged[name] = value
+    if isinstance(averaged.get("_extra_state"), dict):
+        averaged["_extra_state"] = {**averaged["_extra_state"], "selection": {"averaged": [str(p) for p in paths]}}
+    atomic_save(averaged, output)
+    return averaged
+
+
+def _same_shape(tensor: object, reference: object) -> bool:
+    return isinstance(tensor, torch.Tensor) and isinstance(reference, torch.Tensor) and tensor.shape == reference.shape
+
+
+class CheckpointAveraging:
+    """At the end of training, average the newest ``last`` periodic checkpoints of ``ckpt_dir`` into
+    ``model_averaged.pt`` (``last`` 0 turns it off; it must not exceed the checkpoints kept)."""
+
+    def __init__(self, ckpt_dir: str, last: int, keep: int) -> None:
+        if last < 0 or last > keep:
+            raise IrisInputError(
+                f"average_last_checkpoints must be between 0 and checkpoints_to_keep ({keep}), got {last}."
+            )
+        self.ckpt_dir = Path(ckpt_dir)
+        self.last = last
+
+    def attach(self, engine: Engine) -> None:
+        if self.last:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        paths = sorted(self.ckpt_dir.glob("checkpoint_*.pt"))[-self.last :]
+        output = self.ckpt_dir / "model_averaged.pt"
+        average_checkpoints(paths, output)
+        logger.info(f"Averaged the weights of {', '.join(path.name for path in paths)} into {output}.")
