@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -115,6 +116,17 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert summary["checkpoints"]["best_model"] == str(ckpt_dir / "model.pt") and summary["checkpoints"]["periodic"]
     assert summary["data_pool"]["training"][0]["name"] == "IrisDemo" and summary["data_pool"]["training"][0]["subjects"]
     assert summary["versions"]["bundle"] == bundle_version()
+
+    similarity = list(csv.reader((output_dir / "class_similarity.csv").open()))  # the class-embedding map
+    assert similarity[0][1:] and all(name.startswith("IrisDemo/") for name in similarity[0][1:])
+    assert all(float(row[1 + i]) > 0.999 for i, row in enumerate(similarity[1:]))  # each class with itself
+    assert Image.open(output_dir / "class_embeddings_pca.png").size[0] >= 512
+    plotted = subprocess.run(
+        [sys.executable, "scripts/plot_embeddings.py", "--model", str(ckpt_dir / "model.pt"), "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=os.environ,
+    )  # fmt: skip
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    assert (tmp_path / "class_embeddings_pca.png").is_file() and (tmp_path / "class_similarity.csv").is_file()
 
     events = EventAccumulator(str(output_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()

@@ -14,6 +14,7 @@ from monai.inferers import SlidingWindowInferer
 
 from scripts.engines import EpisodicEvaluator, EpisodicTrainer
 from scripts.episodes import EpisodeDataset, OneShotValidationDataset
+from scripts.fine_tuning import EncoderFreeze
 from scripts.handlers import MemoryBankUpdateHandler, NonFiniteLossGuard
 from scripts.losses import DiceBCELoss
 from scripts.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
@@ -68,6 +69,19 @@ def test_training_updates_weights_and_memory_bank(pools) -> None:
     assert len(output) == 2 and output[0]["task_embeddings"].shape == (3, *net.token_shape)
     assert len(net.memory_bank) >= 1
     assert not set(net.memory_bank.class_names) & set(pools[0].held_out_class_names)
+
+
+@pytest.mark.parametrize("unfreeze_after", [None, 1])
+def test_a_frozen_encoder_keeps_its_weights_while_the_rest_trains(pools, unfreeze_after) -> None:
+    net = _net()
+    encoder = [p.detach().clone() for p in net.encoder.parameters()]
+    decoder = [p.detach().clone() for p in net.mask_decoder.parameters()]
+    trainer = _trainer(pools[0], net, iterations=3)
+    EncoderFreeze(net, unfreeze_after=unfreeze_after).attach(trainer)
+    trainer.run()
+    encoder_changed = any(not torch.equal(a, b) for a, b in zip(encoder, net.encoder.parameters()))
+    assert encoder_changed == (unfreeze_after is not None)  # frozen throughout, or trained after iteration 1
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, net.mask_decoder.parameters()))
 
 
 def test_accumulation_steps_the_optimizer_every_other_iteration(pools) -> None:
