@@ -183,3 +183,20 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert torch.jit.load(str(tmp_path / "model.ts"))(torch.rand(1, 1, 32, 32, 32)).shape[1] == len(
         net.memory_bank.class_names
     )
+
+
+def test_lr_range_test_sweeps_the_bundle_trainer(demo_dataset: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "scripts/lr_range_test.py",
+        "--config", "['bundle/configs/train.json','bundle/configs/demo.json']", "--out", str(tmp_path),
+        "--num_iter", "6", "--start_lr", "1e-5", "--end_lr", "1e-1",
+        "--dataset_dir", str(demo_dataset.parent), "--ckpt_dir", str(tmp_path / "models"), "--num_workers", "0", *TINY,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "lr_range_test.json").read_text())
+    assert summary["iterations"] == 6 and len(summary["loss"]) == 6 and all(np.isfinite(summary["loss"]))
+    assert summary["lr"][0] < summary["lr"][-1] <= 1e-1 and summary["lr"] == sorted(summary["lr"])  # exponential sweep
+    assert 1e-5 <= summary["suggested_base_learning_rate"] <= 1e-1
+    assert Image.open(tmp_path / "lr_range_test.png").size[0] > 0
+    assert not list(tmp_path.glob("models/*.pt"))  # a sweep, not a training run: nothing checkpointed
