@@ -15,7 +15,7 @@ from monai.inferers import SlidingWindowInferer
 from scripts.engines import EpisodicEvaluator, EpisodicTrainer
 from scripts.episodes import EpisodeDataset, OneShotValidationDataset
 from scripts.fine_tuning import EncoderFreeze
-from scripts.handlers import MemoryBankUpdateHandler, NonFiniteLossGuard
+from scripts.handlers import LossWeightSchedule, MemoryBankUpdateHandler, NonFiniteLossGuard
 from scripts.losses import DiceBCELoss
 from scripts.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
 from scripts.networks import build_iris_net
@@ -82,6 +82,16 @@ def test_a_frozen_encoder_keeps_its_weights_while_the_rest_trains(pools, unfreez
     encoder_changed = any(not torch.equal(a, b) for a, b in zip(encoder, net.encoder.parameters()))
     assert encoder_changed == (unfreeze_after is not None)  # frozen throughout, or trained after iteration 1
     assert any(not torch.equal(a, b) for a, b in zip(decoder, net.mask_decoder.parameters()))
+
+
+def test_the_loss_weight_schedule_sets_the_weights_before_each_iteration(pools) -> None:
+    loss = DiceBCELoss()
+    trainer = _trainer(pools[0], _net(), iterations=2, loss_function=loss)
+    LossWeightSchedule(loss, {"dice": [0.2, 0.8]}, total_iterations=2).attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: seen.append(loss.dice_weight))
+    trainer.run()
+    assert seen == pytest.approx([0.2, 0.8]) and loss.bce_weight == 1.0
 
 
 def test_accumulation_steps_the_optimizer_every_other_iteration(pools) -> None:

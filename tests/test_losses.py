@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.losses import HausdorffDTLoss
 from torch import nn
 
+from scripts.errors import IrisInputError
+from scripts.handlers import LossWeightSchedule
 from scripts.losses import DiceBCELoss, DiceFocalLoss, EpisodicLoss, FocalLoss, build_loss
 
 VALID = torch.tensor([[True, True, False], [True, False, False]])  # B=2, K=3, three padded slots
@@ -19,7 +22,7 @@ def _episode(seed: int = 0, shape: tuple[int, ...] = (2, 3, 3, 4, 5)) -> tuple[t
 
 
 def _all_losses() -> list[EpisodicLoss]:
-    return [DiceBCELoss(), FocalLoss(), DiceFocalLoss()]
+    return [DiceBCELoss(), FocalLoss(), DiceFocalLoss(), DiceBCELoss(boundary_weight=0.5)]
 
 
 def _ref_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -200,3 +203,23 @@ def test_build_loss() -> None:
     assert isinstance(focal, FocalLoss) and focal.class_weights == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="dice_bce.*dice_focal.*focal"):
         build_loss("dice_ce")
+
+
+def test_boundary_term_is_monai_hausdorff_dt_loss_per_class() -> None:
+    logits, target = _episode(shape=(2, 3, 8, 8, 8))
+    plain, with_boundary = DiceBCELoss(), DiceBCELoss(boundary_weight=0.5)
+    surface = HausdorffDTLoss(sigmoid=True, include_background=True, reduction="none")(logits, target).flatten(1)
+    expected = plain.per_entry(logits, target) + 0.5 * surface
+    torch.testing.assert_close(with_boundary.per_entry(logits, target), expected)
+    with pytest.raises(ValueError, match="boundary_loss_weight needs a loss with a Dice term"):
+        build_loss("focal", boundary_weight=1.0)
+
+
+def test_loss_weight_schedule_moves_the_weights_linearly() -> None:
+    loss = build_loss("dice_bce")
+    schedule = LossWeightSchedule(loss, {"dice": [0.3, 0.7], "bce": [0.7, 0.3]}, total_iterations=101)
+    assert schedule.weights(1) == pytest.approx({"dice": 0.3, "bce": 0.7})
+    assert schedule.weights(51) == pytest.approx({"dice": 0.5, "bce": 0.5})
+    assert schedule.weights(101) == schedule.weights(500) == pytest.approx({"dice": 0.7, "bce": 0.3})
+    with pytest.raises(IrisInputError, match=r"names \['focal'\].*terms are \['bce', 'boundary', 'dice'\]"):
+        LossWeightSchedule(loss, {"focal": [1, 0]}, total_iterations=10)

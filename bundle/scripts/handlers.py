@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .distributed import gather_objects, is_main_process
 from .engines import unwrap
+from .errors import IrisInputError
 from .metrics import ClassGroupDice
 from .pool import DatasetPool
 
@@ -98,6 +99,44 @@ class WindowMeanLoss:
         """Write the last window's mean to TensorBoard as ``train_loss`` at the trainer's iteration."""
         writer.add_scalar("train_loss", self.value, engine.state.iteration)
         writer.flush()
+
+
+class LossWeightSchedule:
+    """Move the weights of the loss terms linearly from their start to their end values over training, e.g.
+    ``{"dice": [0.3, 0.7], "bce": [0.7, 0.3]}`` (BCE-heavy early, when Dice gives little gradient; Dice-heavy later).
+
+    Each key names a term of the loss, whose ``<key>_weight`` attribute is set before every iteration.
+
+    Args:
+        loss_function: the training loss (its terms' weights are attributes such as ``dice_weight``).
+        schedule: term -> ``[start, end]`` weights, or None for constant weights.
+        total_iterations: the iteration at which every weight reaches its end value.
+    """
+
+    def __init__(self, loss_function: nn.Module, schedule: dict[str, Sequence[float]] | None, total_iterations: int):
+        self.loss_function = loss_function
+        self.schedule = {name: (float(start), float(end)) for name, (start, end) in (schedule or {}).items()}
+        self.total_iterations = max(int(total_iterations), 1)
+        terms = sorted(name[: -len("_weight")] for name in vars(loss_function) if name.endswith("_weight"))
+        unknown = sorted(set(self.schedule) - set(terms))
+        if unknown:
+            raise IrisInputError(f"loss_weight_schedule names {unknown}, which the loss lacks; its terms are {terms}.")
+        negative = [name for name, values in self.schedule.items() if min(values) < 0]
+        if negative:
+            raise IrisInputError(f"loss_weight_schedule weights must be >= 0, got {negative}.")
+
+    def attach(self, engine: Engine) -> None:
+        if self.schedule:
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def weights(self, iteration: int) -> dict[str, float]:
+        """The weight of every scheduled term at (1-based) ``iteration``."""
+        progress = min(max(iteration - 1, 0) / max(self.total_iterations - 1, 1), 1.0)
+        return {name: start + (end - start) * progress for name, (start, end) in self.schedule.items()}
+
+    def __call__(self, engine: Engine) -> None:
+        for name, weight in self.weights(engine.state.iteration).items():
+            setattr(self.loss_function, f"{name}_weight", weight)
 
 
 class EngineLogText(logging.Filter):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.losses import FocalLoss as MonaiFocalLoss
+from monai.losses import HausdorffDTLoss
 from torch import nn
 
 UNLABELLED_LOGIT = -100.0  # sigmoid 0 and target 0: no Dice, BCE, focal or false-positive contribution
@@ -120,6 +121,13 @@ def soft_dice(dice: DiceLoss, logits: torch.Tensor, target: torch.Tensor, empty_
     return torch.where(has_foreground, losses, predicted / (predicted + tau))
 
 
+def boundary_term(loss: DiceBCELoss | DiceFocalLoss, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``B x K`` weighted surface term of ``loss`` (0 when its ``boundary_weight`` is 0, without computing it)."""
+    if loss.boundary_weight == 0:
+        return logits.new_zeros(logits.shape[:2])
+    return loss.boundary_weight * loss.boundary(logits, target).flatten(1)
+
+
 def _check_non_negative(**values: float) -> None:
     """Rejects negative loss-term weights, naming the offending argument."""
     for name, value in values.items():
@@ -141,6 +149,8 @@ class DiceBCELoss(EpisodicLoss):
         smooth_dr: constant added to the Dice denominator.
         empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
             :func:`soft_dice`); a false object of that size costs half a Dice.
+        boundary_weight: weight of MONAI's ``HausdorffDTLoss`` (a distance-transform surface term), ``>= 0``;
+            0 leaves it out (it computes distance transforms on the CPU every iteration).
     """
 
     def __init__(
@@ -151,19 +161,27 @@ class DiceBCELoss(EpisodicLoss):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         empty_fraction: float = 0.01,
+        boundary_weight: float = 0.0,
     ) -> None:
         super().__init__(class_weights)
-        _check_non_negative(dice_weight=dice_weight, bce_weight=bce_weight, empty_fraction=empty_fraction)
+        _check_non_negative(
+            dice_weight=dice_weight,
+            bce_weight=bce_weight,
+            empty_fraction=empty_fraction,
+            boundary_weight=boundary_weight,
+        )
         self.dice_weight = float(dice_weight)
         self.bce_weight = float(bce_weight)
+        self.boundary_weight = float(boundary_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        self.boundary = HausdorffDTLoss(sigmoid=True, include_background=True, reduction="none")
         self.empty_fraction = float(empty_fraction)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Returns ``B x K`` weighted Dice + voxel-mean BCE."""
+        """Returns ``B x K`` weighted Dice + voxel-mean BCE (+ boundary term)."""
         dice = soft_dice(self.dice, logits, target, self.empty_fraction)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(dim=2)
-        return self.dice_weight * dice + self.bce_weight * bce
+        return self.dice_weight * dice + self.bce_weight * bce + boundary_term(self, logits, target)
 
 
 class FocalLoss(EpisodicLoss):
@@ -203,6 +221,7 @@ class DiceFocalLoss(EpisodicLoss):
         smooth_dr: constant added to the Dice denominator.
         empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
             :func:`soft_dice`); a false object of that size costs half a Dice.
+        boundary_weight: weight of the surface term; see :class:`DiceBCELoss`.
     """
 
     def __init__(
@@ -215,30 +234,40 @@ class DiceFocalLoss(EpisodicLoss):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         empty_fraction: float = 0.01,
+        boundary_weight: float = 0.0,
     ) -> None:
         super().__init__(class_weights)
-        _check_non_negative(dice_weight=dice_weight, focal_weight=focal_weight, empty_fraction=empty_fraction)
+        _check_non_negative(
+            dice_weight=dice_weight,
+            focal_weight=focal_weight,
+            empty_fraction=empty_fraction,
+            boundary_weight=boundary_weight,
+        )
         self.dice_weight = float(dice_weight)
         self.focal_weight = float(focal_weight)
+        self.boundary_weight = float(boundary_weight)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        self.boundary = HausdorffDTLoss(sigmoid=True, include_background=True, reduction="none")
         self.empty_fraction = float(empty_fraction)
         self.focal = FocalLoss(alpha=alpha, gamma=gamma)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Returns ``B x K`` weighted Dice + voxel-mean focal losses."""
+        """Returns ``B x K`` weighted Dice + voxel-mean focal losses (+ boundary term)."""
         dice = soft_dice(self.dice, logits, target, self.empty_fraction)
-        return self.dice_weight * dice + self.focal_weight * self.focal.per_entry(logits, target)
+        focal = self.focal.per_entry(logits, target)
+        return self.dice_weight * dice + self.focal_weight * focal + boundary_term(self, logits, target)
 
 
 LOSSES: dict[str, type[EpisodicLoss]] = {"dice_bce": DiceBCELoss, "focal": FocalLoss, "dice_focal": DiceFocalLoss}
 
 
-def build_loss(name: str, empty_fraction: float = 0.01, **options: Any) -> nn.Module:
+def build_loss(name: str, empty_fraction: float = 0.01, boundary_weight: float = 0.0, **options: Any) -> nn.Module:
     """Builds a loss by the name used in the bundle configs.
 
     Args:
         name: one of ``"dice_bce"``, ``"focal"``, ``"dice_focal"``.
         empty_fraction: Dice smoothing of empty targets for the losses with a Dice term (``focal`` has none).
+        boundary_weight: weight of the surface term of the losses with a Dice term (``focal`` takes none).
         options: keyword arguments of the chosen class.
 
     Returns:
@@ -250,5 +279,7 @@ def build_loss(name: str, empty_fraction: float = 0.01, **options: Any) -> nn.Mo
     if name not in LOSSES:
         raise ValueError(f"Unknown loss {name!r}; valid names are {sorted(LOSSES)}.")
     if name != "focal":
-        options["empty_fraction"] = empty_fraction
+        options.update(empty_fraction=empty_fraction, boundary_weight=boundary_weight)
+    elif boundary_weight:
+        raise ValueError("boundary_loss_weight needs a loss with a Dice term: use dice_bce or dice_focal.")
     return LOSSES[name](**options)
