@@ -90,6 +90,28 @@ def test_query_crops_reach_structures_that_are_not_requested(pool: DatasetPool) 
         EpisodeDataset(pool, length=4, patch_size=PATCH, query_crop={"middle": 1.0})
 
 
+def test_curriculum_goes_from_large_single_anchored_classes_to_full_episodes(pool: DatasetPool) -> None:
+    """Early episodes: one class, large structures, the anchor in the query; late ones as without a curriculum; and
+    an episode is the same whether the dataset was resumed or not."""
+    curriculum = EpisodeDataset(pool, length=80, patch_size=PATCH, max_classes=4, seed=4, curriculum_iterations=40)
+    assert [curriculum.difficulty(i) for i in (0, 20, 40, 79)] == [0.0, 0.5, 1.0, 1.0]
+    easy = [curriculum[i] for i in range(12)]
+    assert all(int(item["class_valid"].sum()) == 1 for item in easy[:2])  # difficulty below 1/6: the anchor alone
+    assert all(item["query_mask"][0].sum() > 0 for item in easy[:2])  # centred on the anchor
+    sizes = curriculum._class_sizes[0]
+    anchors = [pool.class_names[int(item["class_ids"][0])].split("/")[1] for item in easy]
+    values = {name: value for value, name in pool.datasets[0].labels.items()}
+    mean_anchor = np.mean([sizes[values[name]] for name in anchors])
+    assert mean_anchor > np.mean(list(sizes.values()))  # large structures first
+    plain = EpisodeDataset(pool, length=80, patch_size=PATCH, max_classes=4, seed=4)
+    for key, value in plain[60].items():  # past the curriculum, episodes are those of a run without one
+        assert torch.equal(value, curriculum[60][key]), key
+    curriculum.start = 10  # a resumed run: index 0 is episode 10
+    assert torch.equal(curriculum[0]["query_image"], easy[10]["query_image"])
+    with pytest.raises(ValueError, match="curriculum_iterations"):
+        EpisodeDataset(pool, length=4, patch_size=PATCH, curriculum_iterations=-1)
+
+
 def test_validation_cases_bring_one_reference_per_class(demo_dataset: Path, pool: DatasetPool) -> None:
     validation = DatasetPool([str(demo_dataset)], split="validation", num_workers=1)
     dataset = OneShotValidationDataset(validation, pool, PATCH, seed=0)

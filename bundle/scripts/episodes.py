@@ -108,6 +108,8 @@ class EpisodeDataset(Dataset):
         query_crop: relative weights of the query crops: ``anchor`` (around the anchor class, jittered by up to a
             quarter patch), ``other_class`` (around another structure of the query subject) and ``random`` (anywhere
             in the volume, as a sliding window sees it). None weighs them equally.
+        curriculum_iterations: iterations over which episodes go from easy to as hard as the options above make
+            them (see :meth:`difficulty`); 0 turns the curriculum off.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class EpisodeDataset(Dataset):
         self_support: bool = False,
         batch_size: int = 1,
         query_crop: Mapping[str, float] | None = None,
+        curriculum_iterations: int = 0,
     ) -> None:
         if k_shot < 1 or max_classes < 1 or length < 1 or batch_size < 1:
             raise ValueError(
@@ -143,10 +146,20 @@ class EpisodeDataset(Dataset):
         self.start = 0  # episodes already consumed by a resumed run
         self.batch_size = batch_size
         self.query_crop = self._crop_weights(query_crop)
+        if curriculum_iterations < 0:
+            raise ValueError(f"curriculum_iterations must be >= 0, got {curriculum_iterations}.")
+        self.curriculum_iterations = curriculum_iterations
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
         self.augment_2d = episode_augmentation(self.patch_size[:2], **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
+        self._class_sizes = [
+            {
+                value: float(np.mean([self.pool.subjects[i].voxels[value] for i in subjects]))
+                for value, subjects in h.items()
+            }
+            for h in self._holders
+        ]
 
     @staticmethod
     def _crop_weights(weights: Mapping[str, float] | None) -> np.ndarray:
@@ -191,6 +204,28 @@ class EpisodeDataset(Dataset):
     def __len__(self) -> int:
         return self.length - self.start
 
+    def difficulty(self, episode: int) -> float:
+        """How hard episode ``episode`` (its index in the whole run) is, from 0 to 1, rising linearly over the first
+        ``curriculum_iterations`` iterations; always 1 without a curriculum.
+
+        At difficulty ``d`` the anchor class is drawn with weight ``mean volume ** (2 * (1 - d))`` (large structures
+        first), the episode requests at most ``round(d * (max_classes - 1))`` classes besides the anchor, absent
+        classes (empty targets) with probability ``d``, and the off-target query crops keep the share ``d`` of their
+        weight (the rest goes to crops around the anchor). A pure function of the index, so a resumed run continues
+        the same sequence.
+        """
+        if self.curriculum_iterations == 0:
+            return 1.0
+        return min(1.0, episode / (self.curriculum_iterations * self.batch_size))
+
+    def _anchor(self, rng: np.random.Generator, dataset: int, difficulty: float) -> int:
+        classes = sorted(self._holders[dataset])
+        if difficulty >= 1.0:
+            return int(rng.choice(classes))
+        sizes = np.array([self._class_sizes[dataset][value] for value in classes])
+        weights = (sizes / sizes.max()) ** (2.0 * (1.0 - difficulty))
+        return int(rng.choice(classes, p=weights / weights.sum()))
+
     def _centre(self, rng: np.random.Generator, subject: Subject, value: int) -> np.ndarray:
         """A random foreground voxel of ``value``, jittered by up to a quarter patch."""
         coords = subject.foreground[value]
@@ -198,9 +233,15 @@ class EpisodeDataset(Dataset):
         jitter = rng.integers(-1, 2, size=3) * rng.integers(0, [max(1, p // 4) for p in size])
         return coords[rng.integers(len(coords))] + jitter
 
-    def _query_centre(self, rng: np.random.Generator, subject: Subject, anchor: int) -> np.ndarray:
-        """Where the query patch goes: see ``query_crop``."""
-        crop = QUERY_CROPS[rng.choice(len(QUERY_CROPS), p=self.query_crop)]
+    def _query_centre(
+        self, rng: np.random.Generator, subject: Subject, anchor: int, difficulty: float = 1.0
+    ) -> np.ndarray:
+        """Where the query patch goes: see ``query_crop`` and :meth:`difficulty`."""
+        weights = self.query_crop
+        if difficulty < 1.0:  # off-target crops keep the share `difficulty` of their weight
+            weights = weights * np.array([1.0, difficulty, difficulty])
+            weights[0] += 1.0 - weights.sum()
+        crop = QUERY_CROPS[rng.choice(len(QUERY_CROPS), p=weights)]
         others = sorted(subject.classes - {anchor})
         if crop == "other_class" and others:
             return self._centre(rng, subject, others[rng.integers(len(others))])
@@ -232,15 +273,25 @@ class EpisodeDataset(Dataset):
         return {int(v) for v, n in zip(values.tolist(), counts.tolist()) if n >= self.pool.min_class_voxels}
 
     def _choose_classes(
-        self, rng: np.random.Generator, anchor: int, candidates: Sequence[int], in_query: set[int]
+        self,
+        rng: np.random.Generator,
+        anchor: int,
+        candidates: Sequence[int],
+        in_query: set[int],
+        difficulty: float = 1.0,
     ) -> list[int]:
         """The anchor, then up to ``max_classes - 1`` others: first classes the query patch holds (distractors that
-        must be told apart), then absent ones (empty targets); each extra class dropped with ``drop_prob``."""
+        must be told apart), then absent ones (empty targets); each extra class dropped with ``drop_prob``. Easier
+        episodes (see :meth:`difficulty`) request fewer classes and fewer absent ones."""
         present = [value for value in candidates if value in in_query]
         absent = [value for value in candidates if value not in in_query]
         rng.shuffle(present)
         rng.shuffle(absent)
-        others = [value for value in (present + absent)[: self.max_classes - 1] if rng.random() >= self.drop_prob]
+        extra = self.max_classes - 1
+        if difficulty < 1.0:
+            extra = int(round(difficulty * extra))
+            absent = absent if rng.random() < difficulty else []
+        others = [value for value in (present + absent)[:extra] if rng.random() >= self.drop_prob]
         return [anchor, *others]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -251,15 +302,16 @@ class EpisodeDataset(Dataset):
         batch_rng = np.random.default_rng([self.seed, (self.start + index) // self.batch_size, 1])
         dataset = int(batch_rng.choice(len(self._weights), p=self._weights))
         holders = self._holders[dataset]
-        anchor = int(rng.choice(sorted(holders)))
+        difficulty = self.difficulty(self.start + index)
+        anchor = self._anchor(rng, dataset, difficulty)
         few = len(holders[anchor]) <= self.k_shot  # only with self_support: subjects repeat as their own support
         chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=few)
         query, supports = self.pool.subjects[chosen[0]], [self.pool.subjects[i] for i in chosen[1:]]
 
-        query_image, query_label = self._crop(query, self._query_centre(rng, query, anchor))
+        query_image, query_label = self._crop(query, self._query_centre(rng, query, anchor, difficulty))
         shared = set.intersection(*(subject.classes for subject in supports)) - {anchor}
         candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
-        values = self._choose_classes(rng, anchor, candidates, self._present(query_label))
+        values = self._choose_classes(rng, anchor, candidates, self._present(query_label), difficulty)
         # every class gets a patch centred on it in every support subject, as inference crops references
         references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
 
