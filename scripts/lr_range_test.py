@@ -1,8 +1,8 @@
 """Learning-rate range test with the bundle's own trainer and data pool: a short run whose learning rate grows
 exponentially from ``start_lr`` to ``end_lr`` while the (smoothed) episode loss is recorded, with ignite's
 ``FastaiLRFinder``. It writes ``lr_range_test.png`` (loss against learning rate) and ``lr_range_test.json`` with the
-suggested ``base_learning_rate`` (where the loss falls fastest). The network and optimizer are left as they were;
-nothing is validated or checkpointed.
+suggested ``base_learning_rate`` (where the loss falls fastest per decade, before its minimum). The network and
+optimizer are left as they were; nothing is validated or checkpointed.
 
 Example::
 
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import fire
+import numpy as np
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
@@ -60,9 +61,9 @@ def lr_range_test(
     ) as sweeping:  # fmt: skip
         sweeping.run()
     results = finder.get_results()
-    suggestion = finder.lr_suggestion()
     summary = {
-        "suggested_base_learning_rate": float(suggestion) if suggestion is not None else None,
+        "suggested_base_learning_rate": steepest_descent(results["lr"], results["loss"]),
+        "min_loss_learning_rate": float(results["lr"][int(np.argmin(results["loss"]))]),
         "start_lr": start_lr,
         "end_lr": end_lr,
         "iterations": len(results["lr"]),
@@ -86,6 +87,22 @@ def lr_range_test(
     plt.close(figure)
     print(f"Suggested base_learning_rate: {summary['suggested_base_learning_rate']} ({out_dir / 'lr_range_test.png'})")
     return str(out_dir / "lr_range_test.json")
+
+
+def steepest_descent(lrs: list[float], losses: list[float], skip: float = 0.1) -> float:
+    """The learning rate where the smoothed loss falls fastest per decade, before its minimum.
+
+    The first ``skip`` share of the points is left out: the loss is an exponential moving average that starts at the
+    first (untrained) loss, so it falls steeply there whatever the learning rate (ignite's own suggestion, the
+    steepest point over all of them, picks that start).
+    """
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    end = int(np.argmin(losses)) + 1
+    start = min(int(len(lrs) * skip), max(end - 2, 0))
+    if end - start < 2:
+        return float(lrs[max(end - 1, 0)])
+    slopes = np.gradient(losses[start:end], np.log10(lrs[start:end]))
+    return float(lrs[start + int(np.argmin(slopes))])
 
 
 def _list(config: str | list[str]) -> list[str]:
