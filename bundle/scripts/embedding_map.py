@@ -80,6 +80,8 @@ def write_embedding_map(names: Sequence[str], embeddings: torch.Tensor, output_d
         for (x, y), name in zip(points, names):
             axis.annotate(name.split("/", 1)[-1], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
         axis.set_title(f"Memory-bank class embeddings ({method.upper()})")
+        axis.set_xlabel("component 1" if method == "pca" else "t-SNE 1")
+        axis.set_ylabel("component 2" if method == "pca" else "t-SNE 2")
         axis.legend(title="dataset", fontsize="small")
         figure.tight_layout()
         path = output_dir / f"class_embeddings_{method}.png"
