@@ -46,7 +46,7 @@ def lr_range_test(
     if num_iter < 2 or not 0 < start_lr < end_lr:
         raise ValueError(f"Need num_iter >= 2 and 0 < start_lr < end_lr, got {num_iter}, {start_lr}, {end_lr}.")
     parser = ConfigParser()
-    parser.read_config([config] if isinstance(config, str) and not config.startswith("[") else _list(config))
+    parser.read_config(config)  # a file or a list of files (fire reads "['a.json','b.json']" as a list)
     parser.update({"bundle_root": str(BUNDLE), **overrides})
     parser.update({"total_iterations": num_iter, "train#handlers": []})  # no schedule, validation or checkpoints
     parser.get_parsed_content("initialize", default=None)
@@ -103,12 +103,6 @@ def steepest_descent(lrs: list[float], losses: list[float], skip: float = 0.1) -
         return float(lrs[max(end - 1, 0)])
     slopes = np.gradient(losses[start:end], np.log10(lrs[start:end]))
     return float(lrs[start + int(np.argmin(slopes))])
-
-
-def _list(config: str | list[str]) -> list[str]:
-    if isinstance(config, str):
-        return [item.strip(" '\"") for item in config.strip("[]").split(",")]
-    return list(config)
 
 
 if __name__ == "__main__":

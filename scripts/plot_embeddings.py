@@ -12,16 +12,16 @@ import sys
 from pathlib import Path
 
 import fire
-import torch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 from scripts.embedding_map import memory_bank_embeddings, write_embedding_map  # noqa: E402
+from scripts.model_settings import load_network_state  # noqa: E402
 
 
 def plot_embeddings(model: str = str(BUNDLE / "models" / "model.pt"), out: str = ".") -> list[str]:
     """Write ``class_embeddings_*.png`` and ``class_similarity.csv`` into ``out`` and return their paths."""
-    names, embeddings = memory_bank_embeddings(torch.load(model, map_location="cpu", weights_only=True))
+    names, embeddings = memory_bank_embeddings(load_network_state(model))
     return [str(path) for path in write_embedding_map(names, embeddings, out)]
 
 

@@ -11,9 +11,12 @@ import torch
 from ignite.engine import Engine, Events
 
 from .atomic import atomic_save
+from .checkpoints import periodic_checkpoints
 from .errors import IrisInputError
+from .model_settings import load_network_state
 
 logger = logging.getLogger(__name__)
+AVERAGED_MODEL = "model_averaged.pt"
 
 
 def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> dict:
@@ -28,13 +31,9 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> dict
     """
     if not paths:
         raise IrisInputError("No checkpoint to average: train with checkpoint_every set, or pass checkpoint files.")
-    states = []
-    for path in paths:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-        states.append(content.get("network", content))
-    newest = dict(states[-1])
+    states = [load_network_state(path) for path in paths]
     averaged = {}
-    for name, value in newest.items():
+    for name, value in states[-1].items():
         same = [state[name] for state in states if name in state and _same_shape(state[name], value)]
         if isinstance(value, torch.Tensor) and value.is_floating_point() and len(same) == len(states):
             averaged[name] = torch.stack([tensor.float() for tensor in same]).mean(0).to(value.dtype)
@@ -67,7 +66,7 @@ class CheckpointAveraging:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        paths = sorted(self.ckpt_dir.glob("checkpoint_*.pt"))[-self.last :]
-        output = self.ckpt_dir / "model_averaged.pt"
+        paths = periodic_checkpoints(self.ckpt_dir)[-self.last :]
+        output = self.ckpt_dir / AVERAGED_MODEL
         average_checkpoints(paths, output)
         logger.info(f"Averaged the weights of {', '.join(path.name for path in paths)} into {output}.")

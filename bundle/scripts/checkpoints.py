@@ -56,6 +56,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def periodic_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """The periodic checkpoints ``checkpoint_<iteration>.pt`` of ``ckpt_dir``, oldest first (zero-padded names)."""
+    return sorted(Path(ckpt_dir).glob(f"{PREFIX}*.pt"))
+
+
 class CheckpointManager:
     """Save a full training checkpoint every ``save_every`` iterations and resume from the newest valid one.
 
@@ -110,7 +115,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Path]:
         """Periodic checkpoints, newest first."""
-        return sorted(self.ckpt_dir.glob(f"{PREFIX}*.pt"), reverse=True)
+        return periodic_checkpoints(self.ckpt_dir)[::-1]
 
     def save(self, engine: Engine) -> None:
         if not is_main_process():

@@ -21,8 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def memory_bank_embeddings(state: Mapping[str, object]) -> tuple[list[str], torch.Tensor]:
-    """Class names and flattened embeddings (N x T*C) of the memory bank in a saved model or checkpoint."""
-    state = state.get("network", state)
+    """Class names and flattened embeddings (N x T*C) of the memory bank in a network state dict."""
     extra = state.get("memory_bank._extra_state")
     embeddings = state.get("memory_bank.embeddings")
     if not isinstance(extra, dict) or embeddings is None or not extra.get("class_names"):

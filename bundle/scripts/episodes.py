@@ -153,12 +153,10 @@ class EpisodeDataset(Dataset):
         self.augment_2d = episode_augmentation(self.patch_size[:2], **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
+        means = pool.mean_class_voxels() if curriculum_iterations else {}  # the curriculum's "large structures"
         self._class_sizes = [
-            {
-                value: float(np.mean([self.pool.subjects[i].voxels[value] for i in subjects]))
-                for value, subjects in h.items()
-            }
-            for h in self._holders
+            {value: means[info.class_name(value)] for value in holders} if means else {}
+            for info, holders in zip(pool.datasets, self._holders)
         ]
 
     @staticmethod

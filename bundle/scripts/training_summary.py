@@ -15,6 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from .atomic import atomic_write_text
+from .averaging import AVERAGED_MODEL
+from .checkpoints import periodic_checkpoints
 from .model_settings import bundle_version
 from .pool import DatasetPool
 
@@ -111,9 +113,9 @@ class TrainingSummary:
             "checkpoints": {
                 **{
                     key: str(self.ckpt_dir / name) if (self.ckpt_dir / name).is_file() else None
-                    for key, name in (("best_model", "model.pt"), ("averaged_model", "model_averaged.pt"))
+                    for key, name in (("best_model", "model.pt"), ("averaged_model", AVERAGED_MODEL))
                 },
-                "periodic": sorted(str(path) for path in self.ckpt_dir.glob("checkpoint_*.pt")),
+                "periodic": [str(path) for path in periodic_checkpoints(self.ckpt_dir)],
             },
             "data_pool": {role: pool_summary(pool) for role, pool in self.pools.items()},
             "versions": {"torch": torch.__version__, "monai": monai.__version__, "bundle": bundle_version()},
