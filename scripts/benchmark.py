@@ -42,15 +42,15 @@ BUNDLE_ROOT = HERE.parent / "bundle"
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]  # `scripts` = the bundle's
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from scripts.demo_data import make_demo_dataset  # noqa: E402
-from scripts.engines import EpisodicTrainer  # noqa: E402
-from scripts.episodes import EpisodeDataset  # noqa: E402
-from scripts.inferers import InContextInferer  # noqa: E402
-from scripts.losses import DiceBCELoss  # noqa: E402
+from scripts.data.demo_data import make_demo_dataset  # noqa: E402
+from scripts.data.episodes import EpisodeDataset  # noqa: E402
+from scripts.data.pool import DatasetPool  # noqa: E402
+from scripts.inference.inferers import InContextInferer  # noqa: E402
 from scripts.networks import IrisNet, build_iris_net  # noqa: E402
-from scripts.optimizers import Lamb  # noqa: E402
 from scripts.performance import channels_last  # noqa: E402
-from scripts.pool import DatasetPool  # noqa: E402
+from scripts.training.engines import EpisodicTrainer  # noqa: E402
+from scripts.training.losses import DiceBCELoss  # noqa: E402
+from scripts.training.optimizers import Lamb  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 

@@ -1,4 +1,4 @@
-"""Write the synthetic IRIS demo data set (``bundle/scripts/demo_data.py``) from the command line.
+"""Write the synthetic IRIS demo data set (``bundle/scripts/data/demo_data.py``) from the command line.
 
 Example: ``python scripts/make_demo_data.py --output_dir data/demo``.
 """
@@ -16,10 +16,10 @@ BUNDLE_ROOT = HERE.parent / "bundle"
 
 
 def _load_make_demo_dataset() -> Callable[..., Path]:
-    """Import ``scripts.demo_data`` from the bundle, not from this folder, which is also named ``scripts``."""
+    """Import ``scripts.data.demo_data`` from the bundle, not from this folder, which is also named ``scripts``."""
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
     sys.path.insert(0, str(BUNDLE_ROOT))
-    from scripts.demo_data import make_demo_dataset
+    from scripts.data.demo_data import make_demo_dataset
 
     return make_demo_dataset
 

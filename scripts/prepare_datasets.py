@@ -39,8 +39,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.atomic import atomic_write_text  # noqa: E402
-from scripts.image_io import PLANAR_SUFFIXES, LoadImagesd, is_planar  # noqa: E402
-from scripts.pool import check_subject  # noqa: E402
+from scripts.data.image_io import PLANAR_SUFFIXES, LoadImagesd, is_planar  # noqa: E402
+from scripts.data.pool import check_subject  # noqa: E402
 
 FORMATS = ("msd", "nnunet", "folder", "folder2d")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -149,7 +149,7 @@ def _binarised_masks(pairs: list[tuple[Path, Path]], threshold: int, output_dir:
 
 
 def _check_pairs(pairs: Sequence[tuple[Path, Path]], labels: Mapping[int, str], num_workers: int) -> list[str]:
-    """Every problem of every pair: missing or unreadable files, then :func:`scripts.pool.check_subject`."""
+    """Every problem of every pair: missing or unreadable files, then :func:`scripts.data.pool.check_subject`."""
     load = LoadImagesd(keys=("image", "label"))
 
     def check(pair: tuple[Path, Path]) -> str | None:

@@ -19,7 +19,7 @@ from monai.bundle import run
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
-from scripts.image_io import LoadImagesd  # noqa: E402
+from scripts.data.image_io import LoadImagesd  # noqa: E402
 
 
 def _pairs(support: str | list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo data set (48³ volumes) shared by the data, engine and bundle tests; returns its dataset.json."""
-    from scripts.demo_data import make_demo_dataset
+    from scripts.data.demo_data import make_demo_dataset
 
     directory = tmp_path_factory.mktemp("demo")
     return make_demo_dataset(directory, num_training=6, num_validation=2, num_test=2, shape=(48, 48, 48))

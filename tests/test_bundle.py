@@ -19,9 +19,9 @@ from monai.utils import path_to_sqlite_uri
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scripts.demo_data import HELD_OUT_LABELS
-from scripts.model_settings import bundle_version, read_model_settings
+from scripts.data.demo_data import HELD_OUT_LABELS
 from scripts.networks import build_iris_net
+from scripts.training.model_settings import bundle_version, read_model_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scripts import demo_data
-from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS, STRUCTURES, ensure_demo_data, make_demo_dataset
+from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS, STRUCTURES, ensure_demo_data, make_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"num_training": 4, "num_validation": 1, "num_test": 1, "shape": (32, 32, 32)}

@@ -12,16 +12,16 @@ from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
 
-from scripts.engines import EpisodicEvaluator, EpisodicTrainer
-from scripts.episodes import EpisodeDataset, OneShotValidationDataset
-from scripts.fine_tuning import EncoderFreeze
-from scripts.handlers import LossWeightSchedule, MemoryBankUpdateHandler, NonFiniteLossGuard
-from scripts.losses import DiceBCELoss
-from scripts.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
+from scripts.data.episodes import EpisodeDataset, OneShotValidationDataset
+from scripts.data.pool import DatasetPool
 from scripts.networks import build_iris_net
-from scripts.optimizers import Lamb
-from scripts.pool import DatasetPool
-from scripts.visuals import ValidationOverlays
+from scripts.training.engines import EpisodicEvaluator, EpisodicTrainer
+from scripts.training.fine_tuning import EncoderFreeze
+from scripts.training.handlers import LossWeightSchedule, MemoryBankUpdateHandler, NonFiniteLossGuard
+from scripts.training.losses import DiceBCELoss
+from scripts.training.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
+from scripts.training.optimizers import Lamb
+from scripts.training.visuals import ValidationOverlays
 
 PATCH = (32, 32, 32)
 

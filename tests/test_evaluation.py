@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS
-from scripts.model_settings import training_settings
+from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.networks import build_iris_net
+from scripts.training.model_settings import training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 8, "channel_multipliers": [1, 2, 4, 8]}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from scripts.losses import DiceBCELoss
 from scripts.networks import build_iris_net
-from scripts.optimizers import Lamb
+from scripts.training.losses import DiceBCELoss
+from scripts.training.optimizers import Lamb
 
 SIZE = 16
 INTENSITY = (1.0, -1.0)  # the two object kinds differ only in intensity; both are in every volume

@@ -16,15 +16,15 @@ import torch
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
+from scripts.data.image_io import query_files, unreadable_reason
+from scripts.data.transforms import label_map
+from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
-from scripts.image_io import query_files, unreadable_reason
-from scripts.inferers import InContextInferer
-from scripts.model_settings import training_settings
+from scripts.inference.inferers import InContextInferer
+from scripts.inference.support import SupportSetError, load_references
+from scripts.inference.task_setup import resolve_classes
 from scripts.networks import build_iris_net
-from scripts.reports import overlay_panels, preview
-from scripts.support import SupportSetError, load_references
-from scripts.task_setup import resolve_classes
-from scripts.transforms import label_map
+from scripts.training.model_settings import training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.lr_schedule import WarmupStepDecay, warmup_step_decay
+from scripts.training.lr_schedule import WarmupStepDecay, warmup_step_decay
 
 
 def test_multiplier_values() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.memory import MemoryBank
 from scripts.networks import build_iris_net
+from scripts.networks.memory import MemoryBank
 
 
 def test_first_update_sets_then_ema_blends() -> None:

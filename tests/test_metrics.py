@@ -9,8 +9,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.controls import control_dice, intensity_rule, position_rule
-from scripts.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
+from scripts.data.controls import control_dice, intensity_rule, position_rule
+from scripts.training.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
 
 NAMES = ["demo/a", "demo/b", "demo/c"]
 

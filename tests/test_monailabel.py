@@ -22,8 +22,8 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from scripts.model_settings import bundle_version, training_settings
 from scripts.networks import build_iris_net
+from scripts.training.model_settings import bundle_version, training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 3, "channel_multipliers": [1, 2, 4, 8]}

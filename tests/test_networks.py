@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import DiceBCELoss
 from scripts.networks import build_iris_net
 from scripts.networks.task_encoder import foreground_pooling, upsampling_adjoint
-from scripts.optimizers import Lamb
+from scripts.training.losses import DiceBCELoss
+from scripts.training.optimizers import Lamb
 
 PATCH = (32, 32, 32)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.optimizers import Lamb
+from scripts.training.optimizers import Lamb
 
 LR, BETA1, BETA2, EPS, WD = 0.1, 0.9, 0.999, 1e-6, 0.1
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.demo_data import CLASS_NAMES, HELD_OUT_LABELS
-from scripts.episodes import EpisodeDataset, OneShotValidationDataset
-from scripts.pool import DatasetPool, DatasetPoolError
+from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS
+from scripts.data.episodes import EpisodeDataset, OneShotValidationDataset
+from scripts.data.pool import DatasetPool, DatasetPoolError
 
 PATCH = (32, 32, 32)
 

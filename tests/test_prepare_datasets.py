@@ -20,9 +20,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from scripts.episodes import EpisodeDataset
+from scripts.data.episodes import EpisodeDataset
+from scripts.data.pool import DatasetPool
 from scripts.networks import build_iris_net
-from scripts.pool import DatasetPool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("prepare_datasets", REPO_ROOT / "scripts" / "prepare_datasets.py")
@@ -318,7 +318,7 @@ def test_2d_query_gives_a_2d_mask_in_its_format(prepared: dict[str, Path], tmp_p
 def test_presets_overlay_train_json(preset: str) -> None:
     from monai.bundle import ConfigParser
 
-    from scripts.losses import FocalLoss
+    from scripts.training.losses import FocalLoss
 
     path = REPO_ROOT / "bundle" / "configs" / "presets" / f"{preset}.json"
     assert path.read_text() == json.dumps(json.loads(path.read_text()), indent=4) + "\n"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.demo_data import CLASS_NAMES
+from scripts.data.demo_data import CLASS_NAMES
 from scripts.networks import build_iris_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

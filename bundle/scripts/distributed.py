@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -31,3 +32,8 @@ def gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel (or other ``.module``) wrapper."""
+    return network.module if hasattr(network, "module") else network

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class IrisApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = IrisSettings.from_conf(app_dir, conf)  # puts the bundle's ``scripts`` on sys.path
-        from scripts.model_settings import bundle_version
+        from scripts.training.model_settings import bundle_version
 
         self.label_names = {str(k): int(v) for k, v in (parse_setting(conf.get("labels", "{}")) or {}).items()}
         self.retrieval_top_k = int(conf.get("retrieval_top_k", "3"))

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..memory import MemoryBank
 from .encoder import ResidualEncoder
 from .mask_decoder import MaskDecoder
+from .memory import MemoryBank
 from .task_encoder import TaskEncoder
 
 PAPER_CHANNEL_MULTIPLIERS = (1, 2, 4, 8, 10)

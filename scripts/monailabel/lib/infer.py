@@ -78,7 +78,9 @@ class IrisInfer(InferTask):
                     MONAILabelError.INFERENCE_ERROR,
                     f"No labelled volume in the datastore and no memory bank in {checkpoint}: label one volume first.",
                 )
-            from scripts.task_setup import resolve_classes  # the bundle's (on sys.path once IrisSettings is made)
+            from scripts.inference.task_setup import (
+                resolve_classes,  # the bundle's (on sys.path once IrisSettings is made)
+            )
 
             task = {"classes": memory_classes, "memory_classes": memory_classes}
             dataset_labels = self.settings.model_settings().get("dataset_labels", {})

@@ -37,7 +37,7 @@ def label_names(info: Mapping, values: list[int], default_names: Mapping[str, in
 @lru_cache(maxsize=1024)
 def _label_values(path: str, modified: float) -> tuple[int, ...]:
     """Non-zero values of a label map; cached per file version, so a request re-reads only new or changed labels."""
-    from scripts.image_io import LoadImagesd  # the bundle's readers (on sys.path once IrisSettings is made)
+    from scripts.data.image_io import LoadImagesd  # the bundle's readers (on sys.path once IrisSettings is made)
 
     return tuple(int(v) for v in np.unique(np.asarray(LoadImagesd("label")({"label": path})["label"])) if v != 0)
 

@@ -8,8 +8,8 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from .engines import unwrap
-from .errors import IrisInputError
+from ..distributed import unwrap
+from ..errors import IrisInputError
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import monai
 import torch
 from ignite.engine import Engine, Events
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
+from ..data.pool import DatasetPool
 from .averaging import AVERAGED_MODEL
 from .checkpoints import periodic_checkpoints
 from .model_settings import bundle_version
-from .pool import DatasetPool
 
 
 def read_metrics_lines(path: Path, up_to_iteration: int | None = None) -> list[dict[str, Any]]:

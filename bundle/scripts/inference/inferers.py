@@ -8,7 +8,7 @@ import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
-from .episodes import bounding_box_centre, crop_patch, patch_size_for
+from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
 from .strategies import ensemble, retrieve
 
 

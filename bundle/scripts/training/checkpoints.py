@@ -20,11 +20,10 @@ from ignite.engine import Engine, Events
 from monai.handlers import EarlyStopHandler
 from torch import nn
 
-from .atomic import atomic_save
-from .distributed import is_main_process, world_size
-from .engines import unwrap
-from .episodes import EpisodeDataset
-from .errors import IrisInputError
+from ..atomic import atomic_save
+from ..data.episodes import EpisodeDataset
+from ..distributed import is_main_process, unwrap, world_size
+from ..errors import IrisInputError
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint_"

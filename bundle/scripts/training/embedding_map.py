@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.utils import optional_import
 from torch import nn
 
-from .engines import unwrap
+from ..distributed import unwrap
 
 TSNE, has_tsne = optional_import("sklearn.manifold", name="TSNE")
 logger = logging.getLogger(__name__)

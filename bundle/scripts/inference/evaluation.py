@@ -28,12 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .controls import CONTROLS, control_dice
-from .distributed import gather_objects, is_main_process, rank, world_size
+from ..data.controls import CONTROLS, control_dice
+from ..data.pool import DatasetPool, Subject
+from ..distributed import gather_objects, is_main_process, rank, world_size
+from ..training.metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
+from ..training.model_settings import load_model
 from .inferers import InContextInferer
-from .metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
-from .model_settings import load_model
-from .pool import DatasetPool, Subject
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import Reference
 

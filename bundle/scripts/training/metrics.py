@@ -26,9 +26,9 @@ import torch
 from ignite.metrics import Metric
 from monai.metrics import compute_dice
 
-from .controls import CONTROLS
-from .distributed import gather_objects
-from .episodes import bounding_box_centre, crop_patch
+from ..data.controls import CONTROLS
+from ..data.patches import bounding_box_centre, crop_patch
+from ..distributed import gather_objects
 
 GROUPS = ("seen", "held_out", "all")
 SCORES = ("model", *CONTROLS)

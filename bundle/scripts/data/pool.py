@@ -19,8 +19,8 @@ import torch
 from monai.data.utils import affine_to_spacing
 from monai.utils import convert_to_tensor
 
-from .atomic import atomic_save
-from .errors import IrisInputError
+from ..atomic import atomic_save
+from ..errors import IrisInputError
 from .image_io import LoadImagesd
 from .transforms import subject_preprocessing, target_spacing_or_native
 

@@ -11,9 +11,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import optional_import
 
+from ..data.transforms import label_map
+from ..drawing import annotated, overlay_panels, palette_colour
 from .handlers import WindowMeanLoss
-from .reports import annotated, overlay_panels, palette_colour
-from .transforms import label_map
 
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from .episodes import binary_masks, bounding_box_centre, crop_around
-from .errors import IrisInputError
-from .image_io import LoadImagesd, unreadable_reason
-from .pool import Subject
-from .transforms import subject_preprocessing
+from ..data.image_io import LoadImagesd, unreadable_reason
+from ..data.patches import binary_masks, bounding_box_centre, crop_around
+from ..data.pool import Subject
+from ..data.transforms import subject_preprocessing
+from ..errors import IrisInputError
 
 
 class SupportSetError(IrisInputError):

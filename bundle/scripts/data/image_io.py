@@ -22,7 +22,7 @@ from monai.config import KeysCollection
 from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
 from monai.transforms import LoadImage, MapTransform
 
-from .errors import IrisInputError
+from ..errors import IrisInputError
 
 logger = logging.getLogger(__name__)
 

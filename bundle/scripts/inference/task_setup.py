@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .engines import unwrap
+from ..distributed import unwrap
 from .inferers import InContextInferer
 from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
 from .support import SupportSetError, load_references

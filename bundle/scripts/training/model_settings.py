@@ -32,10 +32,10 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 from torch import nn
 
-from .engines import unwrap
-from .errors import IrisInputError
-from .pool import read_dataset_json
-from .transforms import target_spacing_or_native
+from ..data.pool import read_dataset_json
+from ..data.transforms import target_spacing_or_native
+from ..distributed import unwrap
+from ..errors import IrisInputError
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,10 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..distributed import unwrap
 from .metrics import k_dice_change
 
 REQUIRED_KEYS = ("support_image", "support_mask", "query_image", "query_mask", "class_ids")
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The IrisNet inside a DistributedDataParallel (or other ``.module``) wrapper."""
-    return network.module if hasattr(network, "module") else network
 
 
 def prepare_episode(batch: dict, device: torch.device, non_blocking: bool = False) -> dict[str, torch.Tensor]:

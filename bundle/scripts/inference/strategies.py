@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IrisInputError
-from .losses import DiceBCELoss
+from ..errors import IrisInputError
+from ..training.losses import DiceBCELoss
 from .support import Reference
 
 STRATEGIES = ("one_shot", "ensemble", "retrieval", "tuning", "memory")

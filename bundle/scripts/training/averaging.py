@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from .atomic import atomic_save
+from ..atomic import atomic_save
+from ..errors import IrisInputError
 from .checkpoints import periodic_checkpoints
-from .errors import IrisInputError
 from .model_settings import load_network_state
 
 logger = logging.getLogger(__name__)

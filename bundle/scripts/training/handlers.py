@@ -17,11 +17,10 @@ from monai.handlers import ValidationHandler, from_engine
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .distributed import gather_objects, is_main_process
-from .engines import unwrap
-from .errors import IrisInputError
+from ..data.pool import DatasetPool
+from ..distributed import gather_objects, is_main_process, unwrap
+from ..errors import IrisInputError
 from .metrics import ClassGroupDice
-from .pool import DatasetPool
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 from monai.utils import TraceKeys
 
-from .errors import IrisInputError
+from ..errors import IrisInputError
 
 CT_WINDOW = (-990.0, 500.0)
 PERCENTILES = (2.0, 98.0)
