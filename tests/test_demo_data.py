@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts import demo_data
+from scripts.data import demo_data
 from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS, STRUCTURES, ensure_demo_data, make_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
