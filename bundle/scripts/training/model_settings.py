@@ -39,7 +39,7 @@ from ..errors import IrisInputError
 
 logger = logging.getLogger(__name__)
 
-METADATA = Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+METADATA = Path(__file__).resolve().parents[2] / "configs" / "metadata.json"
 
 
 class ModelSettingsError(IrisInputError):
