@@ -121,3 +121,14 @@ def test_cli(tmp_path: Path) -> None:
     dataset = json.loads((tmp_path / "dataset.json").read_text())
     assert (len(dataset["training"]), len(dataset["validation"]), len(dataset["test"])) == (2, 1, 1)
     assert (tmp_path / dataset["validation"][0]["image"]).is_file()
+
+
+def test_metadata_class_lists_come_from_the_demo_data() -> None:
+    """metadata.json describes the demo model's channels; demo_data.model_channels is their one source."""
+    metadata = json.loads((REPO_ROOT / "bundle" / "configs" / "metadata.json").read_text())
+    outputs = metadata["network_data_format"]
+    bank, labels = demo_data.model_channels()
+    assert outputs["outputs"]["pred"]["channel_def"] == bank
+    assert outputs["outputs"]["pred"]["num_channels"] == len(bank) == len(CLASS_NAMES) - len(HELD_OUT_LABELS)
+    assert outputs["post_processed_outputs"]["pred"]["channel_def"] == labels
+    assert outputs["post_processed_outputs"]["pred"]["value_range"] == [0, max(int(value) for value in labels)]

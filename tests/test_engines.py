@@ -39,7 +39,7 @@ def _net() -> torch.nn.Module:
 def _trainer(pool: DatasetPool, net: torch.nn.Module, iterations: int, loader=None, **options) -> EpisodicTrainer:
     loader = loader or DataLoader(EpisodeDataset(pool, 2 * iterations, PATCH, max_classes=3, seed=0), batch_size=2)
     loss = options.pop("loss_function", DiceBCELoss())
-    handlers = [MemoryBankUpdateHandler(net, pool.class_names), NonFiniteLossGuard(pool)]
+    handlers = [MemoryBankUpdateHandler(net, pool), NonFiniteLossGuard(pool)]
     return EpisodicTrainer(
         device="cpu",
         max_epochs=1,
@@ -67,8 +67,11 @@ def test_training_updates_weights_and_memory_bank(pools) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     output = trainer.state.output  # decollated, one dict per episode, as MONAI's trainers leave it
     assert len(output) == 2 and output[0]["task_embeddings"].shape == (3, *net.token_shape)
-    assert len(net.memory_bank) >= 1
-    assert not set(net.memory_bank.class_names) & set(pools[0].held_out_class_names)
+    bank = net.memory_bank  # a row for every class training may request, none for the held-out ones
+    assert bank.class_names == sorted(set(pools[0].class_names) - set(pools[0].held_out_class_names))
+    requested = {pools[0].class_names[i] for episode in output for i in episode["class_ids"].tolist() if i >= 0}
+    updated = {name for name, count in zip(bank.class_names, bank.counts.tolist()) if count > 0}
+    assert requested and requested <= updated
 
 
 @pytest.mark.parametrize("unfreeze_after", [None, 1])
@@ -158,7 +161,7 @@ def test_evaluator_encodes_each_reference_once_and_measures_reference_following(
         patch_size=PATCH,
         k_independence_cases=1,
     )
-    overlays = ValidationOverlays(evaluator, log_dir="unused", max_cases=1, class_names=names)
+    overlays = ValidationOverlays(evaluator, summary_writer=None, max_cases=1, class_names=names)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, overlays.capture)
     evaluator.run()
     assert len(calls) == len(dataset)  # one support encoding per case, not per sliding window

@@ -27,13 +27,6 @@ def test_repeated_class_in_a_batch_is_one_averaged_step() -> None:
     assert bank.class_names == ["ds/a", "ds/b"]
 
 
-def test_fifo_queue_keeps_the_newest_embeddings() -> None:
-    bank = MemoryBank(num_tokens=1, embed_dim=1, momentum=0.9, queue_size=2)
-    for value in (1.0, 2.0, 3.0):
-        bank.update(["ds/a"], torch.full((1, 1, 1), value))
-    assert sorted(bank.queue[0].flatten().tolist()) == [2.0, 3.0]
-
-
 def test_unknown_class_and_empty_bank_raise() -> None:
     bank = MemoryBank(num_tokens=1, embed_dim=1)
     with pytest.raises(RuntimeError, match="empty"):
@@ -47,26 +40,37 @@ def test_unknown_class_and_empty_bank_raise() -> None:
 
 def test_bank_survives_save_and_weights_only_load(tmp_path) -> None:
     torch.manual_seed(0)
-    net = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4, memory_bank_size=3)
+    net = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4)
     net.memory_bank.update(["ds/a", "ds/b"], torch.randn(2, *net.memory_bank.embeddings.shape[1:]))
     net.memory_bank.update(["ds/c"], torch.randn(1, *net.memory_bank.embeddings.shape[1:]))
     path = tmp_path / "model.pt"
     torch.save(net.state_dict(), path)
 
-    fresh = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4, memory_bank_size=3)
+    fresh = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4)
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert fresh.memory_bank.class_names == ["ds/a", "ds/b", "ds/c"]
-    for name in ("embeddings", "counts", "queue"):
+    for name in ("embeddings", "counts"):
         torch.testing.assert_close(getattr(fresh.memory_bank, name), getattr(net.memory_bank, name))
 
 
+def test_models_with_the_old_fifo_queue_still_load() -> None:
+    """Models saved before 0.7.0 hold a queue buffer that nothing read: it is dropped on loading, strictly."""
+    net = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4)
+    net.memory_bank.update(["ds/a"], torch.randn(1, *net.memory_bank.embeddings.shape[1:]))
+    state = net.state_dict()
+    state["memory_bank.queue"] = torch.zeros(1, 64, *net.memory_bank.embeddings.shape[1:])
+    fresh = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4)
+    fresh.load_state_dict(state)
+    assert "queue" not in dict(fresh.memory_bank.named_buffers())
+    torch.testing.assert_close(fresh.memory_bank.embeddings, net.memory_bank.embeddings)
+
+
 def test_bank_rows_stay_sorted_by_class_name() -> None:
-    bank = MemoryBank(num_tokens=1, embed_dim=1, queue_size=1)
+    bank = MemoryBank(num_tokens=1, embed_dim=1)
     bank.update(["ds/c"], torch.full((1, 1, 1), 3.0))
     bank.update(["ds/a", "ds/b"], torch.tensor([[[1.0]], [[2.0]]]))
     assert bank.class_names == ["ds/a", "ds/b", "ds/c"]
     assert bank.get().flatten().tolist() == [1.0, 2.0, 3.0]
-    assert bank.queue.flatten().tolist() == [1.0, 2.0, 3.0]
     assert bank.counts.tolist() == [1, 1, 1]
 
 

@@ -17,7 +17,7 @@ PATCH = (32, 32, 32)
 
 def tiny_net(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    options = {"base_channels": 4, "num_query_tokens": 3, "num_heads": 4, "memory_bank_size": 2}
+    options = {"base_channels": 4, "num_query_tokens": 3, "num_heads": 4}
     options.update(overrides)
     return build_iris_net(**options)
 

@@ -244,7 +244,9 @@ def test_2d_images_give_single_slice_episodes_and_batches_never_mix_datasets(pre
     pool = DatasetPool([str(prepared["msd"]), str(prepared["folder2d"])], num_workers=1)
     planar = [s for s in pool.subjects if pool.datasets[s.dataset].name == "isic"]
     assert planar and all(s.image.shape == (1, 40, 32, 1) for s in planar)  # width first, RGB became one channel
-    episodes = EpisodeDataset(pool, length=16, patch_size=(16, 16, 16), k_shot=1, max_classes=2, seed=0, batch_size=2)
+    episodes = EpisodeDataset(
+        pool, length=16, patch_size=(16, 16, 16), k_shot=1, max_classes=2, seed=0, episodes_per_iteration=2
+    )
     shapes = [tuple(episodes[i]["query_image"].shape) for i in range(16)]
     assert set(shapes) == {(1, 16, 16, 16), (1, 16, 16, 1)}
     assert all(shapes[i] == shapes[i + 1] for i in range(0, 16, 2))  # one dataset per batch

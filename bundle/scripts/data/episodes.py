@@ -57,8 +57,9 @@ class EpisodeDataset(Dataset):
         augmentation_kwargs: options of :func:`scripts.transforms.episode_augmentation`.
         self_support: let a class held by at most ``k_shot`` subjects train with a subject as its own support
             (another crop, augmented independently). For fine-tuning on the few volumes an annotator has labelled.
-        batch_size: consecutive episodes drawn from the same dataset: the batch size times the number of ranks (a
-            ``DistributedSampler`` without shuffling gives each rank a stride of that run).
+        episodes_per_iteration: episodes of one training iteration, over all ranks (the batch size times the number
+            of ranks): each such run of consecutive episodes comes from one dataset (a ``DistributedSampler`` without
+            shuffling gives each rank a stride of it), and the curriculum counts iterations in them.
         query_crop: relative weights of the query crops: ``anchor`` (around the anchor class, jittered by up to a
             quarter patch), ``other_class`` (around another structure of the query subject) and ``random`` (anywhere
             in the volume, as a sliding window sees it). None weighs them equally.
@@ -79,14 +80,15 @@ class EpisodeDataset(Dataset):
         seed: int = 0,
         augmentation_kwargs: dict | None = None,
         self_support: bool = False,
-        batch_size: int = 1,
+        episodes_per_iteration: int = 1,
         query_crop: Mapping[str, float] | None = None,
         curriculum_iterations: int = 0,
     ) -> None:
-        if k_shot < 1 or max_classes < 1 or length < 1 or batch_size < 1:
+        if k_shot < 1 or max_classes < 1 or length < 1 or episodes_per_iteration < 1:
             raise ValueError(
-                f"k_shot, max_classes_per_episode, batch_size and the episode count (total_iterations x batch_size) "
-                f"must be >= 1, got {k_shot}, {max_classes}, {batch_size}, {length}."
+                f"k_shot, max_classes_per_episode, episodes_per_iteration and the episode count (total_iterations x "
+                f"episodes_per_iteration) "
+                f"must be >= 1, got {k_shot}, {max_classes}, {episodes_per_iteration}, {length}."
             )
         self.pool = pool
         self.length = length
@@ -98,7 +100,7 @@ class EpisodeDataset(Dataset):
         self.seed = seed
         self.self_support = self_support
         self.start = 0  # episodes already consumed by a resumed run
-        self.batch_size = batch_size
+        self.episodes_per_iteration = episodes_per_iteration
         self.query_crop = self._crop_weights(query_crop)
         if curriculum_iterations < 0:
             raise ValueError(f"curriculum_iterations must be >= 0, got {curriculum_iterations}.")
@@ -168,7 +170,7 @@ class EpisodeDataset(Dataset):
         """
         if self.curriculum_iterations == 0:
             return 1.0
-        return min(1.0, episode / (self.curriculum_iterations * self.batch_size))
+        return min(1.0, episode / (self.curriculum_iterations * self.episodes_per_iteration))
 
     def _anchor(self, rng: np.random.Generator, dataset: int, difficulty: float) -> int:
         classes = sorted(self._holders[dataset])
@@ -251,7 +253,7 @@ class EpisodeDataset(Dataset):
         augmentation_seed = int(rng.integers(2**31))
         self.augment.set_random_state(seed=augmentation_seed)
         self.augment_2d.set_random_state(seed=augmentation_seed)
-        batch_rng = np.random.default_rng([self.seed, (self.start + index) // self.batch_size, 1])
+        batch_rng = np.random.default_rng([self.seed, (self.start + index) // self.episodes_per_iteration, 1])
         dataset = int(batch_rng.choice(len(self._weights), p=self._weights))
         holders = self._holders[dataset]
         difficulty = self.difficulty(self.start + index)

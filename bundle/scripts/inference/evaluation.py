@@ -34,8 +34,9 @@ from ..distributed import gather_objects, is_main_process, rank, world_size
 from ..training.metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
 from ..training.model_settings import load_model
 from .inferers import InContextInferer
-from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
+from .strategies import TaskInputs, apply_strategy, strategy_inferer
 from .support import Reference
+from .task_embeddings import encode_references, one_shot
 
 logger = logging.getLogger(__name__)
 METRICS = ("dice", "hd95", "nsd")
@@ -67,7 +68,7 @@ class KShotEvaluation:
         network: the IrisNet (weights loaded from ``ckpt_path`` when given).
         train_pool: subjects the references are drawn from.
         val_pool: subjects that are segmented and scored.
-        inferer: sliding-window in-context inferer.
+        inferer: sliding-window in-context inferer; each strategy's own inferer gets its window settings.
         output_dir: where results are written.
         ckpt_path: model to evaluate (``model.pt`` or a training checkpoint); None keeps the current weights. A
             network size, patch size or spacing that contradicts the model's own settings is refused before any
@@ -100,10 +101,11 @@ class KShotEvaluation:
         retrieval_top_k: int = 1,
         k_independence_cases: int = 2,
     ) -> None:
-        self.strategies = [check_strategy(s) for s in strategies]
+        self.inferers = {name: strategy_inferer(name, **inferer.window_settings) for name in strategies}
+        self.strategies = list(strategies)
         if not shots or min(shots) < 1 or draws < 1:
             raise ValueError(f"eval_shots must be positive integers and eval_draws >= 1, got {shots} and {draws}.")
-        self.network, self.train_pool, self.val_pool, self.inferer = network, train_pool, val_pool, inferer
+        self.network, self.train_pool, self.val_pool = network, train_pool, val_pool
         self.output_dir, self.ckpt_path = Path(output_dir), ckpt_path
         self.shots, self.draws, self.seed = list(shots), draws, seed
         self.nsd_tolerance_mm = nsd_tolerance_mm
@@ -112,26 +114,6 @@ class KShotEvaluation:
         self.k_independence_cases = k_independence_cases
         self.mean_voxels = train_pool.mean_class_voxels()
         self.usage = {"patch_size": list(self.patch_size), "target_spacing": val_pool.target_spacing}
-
-    def _embeddings(
-        self,
-        strategy: str,
-        per_reference: torch.Tensor,
-        present: torch.Tensor,
-        references: list[list[Reference]],
-        values: Sequence[int],
-        names: Sequence[str],
-    ) -> torch.Tensor:
-        """1 x K x T x C embeddings of a fixed (query-independent) strategy."""
-        if strategy == "memory":
-            return memory(self.network, [n for n in names if n in self.network.memory_bank.class_names])
-        if strategy == "one_shot":
-            return one_shot(per_reference, present)
-        mean = ensemble(per_reference, present)
-        if strategy == "tuning":
-            patches = tuning_patches(references, values, self.patch_size)
-            return tune(self.network, mean, patches, self.tuning_steps, self.tuning_lr)
-        return mean
 
     @torch.no_grad()
     def _score(
@@ -208,17 +190,26 @@ class KShotEvaluation:
                 columns = self._columns(strategy, names)  # the classes this strategy can segment
                 if not columns:
                     continue
-                if strategy == "retrieval":
-                    self.inferer.set_retrieval(per_reference, holds, self.retrieval_top_k)
-                else:
-                    embeddings = self._embeddings(strategy, per_reference, holds, references, values, names)
-                    self.inferer.set_task(embeddings)  # memory: only the bank's classes, in column order
+                task = TaskInputs(
+                    self.network,
+                    [names[i] for i in columns],  # memory: only the bank's classes, in column order
+                    values,
+                    self.patch_size,
+                    references,
+                    per_reference,
+                    holds,
+                    self.tuning_steps,
+                    self.tuning_lr,
+                    retrieval_top_k=self.retrieval_top_k,
+                )
+                inferer = self.inferers[strategy]
+                apply_strategy(strategy, task, inferer)
                 for subject in subjects:  # each rank scores its share of the subjects
                     if not any(values[i] in subject.classes for i in columns):
                         continue
                     image, label = subject.volumes()  # one read of the cache for both
                     with torch.no_grad():
-                        logits = self.inferer(image[None].to(self._device), self.network)[0].cpu()
+                        logits = inferer(image[None].to(self._device), self.network)[0].cpu()
                     scores, wrong, absent = self._score(
                         subject, label, logits, [values[i] for i in columns], [names[i] for i in columns]
                     )

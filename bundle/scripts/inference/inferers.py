@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
-from .strategies import ensemble, retrieve
+from .task_embeddings import retrieve
+
+if TYPE_CHECKING:
+    from .strategies import TaskInputs
 
 
 class VolumeSlidingWindowInferer(SlidingWindowInferer):
@@ -34,9 +38,6 @@ class InContextInferer(Inferer):
     The embeddings go through MONAI's sliding-window inferer as an extra argument, which reaches every window
     unchanged; the support set is never re-encoded. Without embeddings the network uses its memory bank.
 
-    For the ``retrieval`` strategy (``set_retrieval``), each query is first segmented with the ensemble embeddings,
-    the objects found are encoded, and each class is re-segmented with its most similar references.
-
     Args:
         roi_size: window size, the training patch size.
         sw_batch_size: windows per forward pass.
@@ -60,6 +61,14 @@ class InContextInferer(Inferer):
         stitch_dtype: str | torch.dtype | None = None,
     ):
         super().__init__()
+        self.window_settings = {
+            "roi_size": tuple(roi_size),
+            "sw_batch_size": sw_batch_size,
+            "overlap": overlap,
+            "mode": mode,
+            "cpu_thresh": cpu_thresh,
+            "stitch_dtype": stitch_dtype,
+        }
         if isinstance(stitch_dtype, str):
             name, stitch_dtype = stitch_dtype, getattr(torch, stitch_dtype, None)
             if not isinstance(stitch_dtype, torch.dtype) or not stitch_dtype.is_floating_point:
@@ -72,33 +81,22 @@ class InContextInferer(Inferer):
             roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, cpu_thresh=cpu_thresh
         )
         self.task_embeddings: torch.Tensor | None = None
-        self._references: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._top_k = 1
 
     def set_task(self, embeddings: torch.Tensor | None) -> None:
         """Use ``embeddings`` (1 x K x T x C) for every following query; None means the memory bank."""
         self.task_embeddings = embeddings
-        self._references = None
 
-    def set_retrieval(self, per_reference: torch.Tensor, present: torch.Tensor, top_k: int) -> None:
-        """Retrieve per query among ``per_reference`` (R x K x T x C, where ``present``), averaging the ``top_k``
-        most similar."""
-        self.task_embeddings = ensemble(per_reference, present)
-        self._references = (per_reference, present)
-        self._top_k = top_k
+    def use_task(self, embeddings: torch.Tensor, task: TaskInputs) -> None:
+        """Take a strategy's result (see :func:`scripts.inference.strategies.apply_strategy`): its embeddings."""
+        self.set_task(embeddings)
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         """Return logits B x K x D x H x W for ``inputs`` (B x 1 x D x H x W)."""
+        return self._segment(inputs, network, self.task_embeddings)
+
+    def _segment(self, inputs: torch.Tensor, network: nn.Module, embeddings: torch.Tensor | None) -> torch.Tensor:
         window_inputs, predictor = self._stitching(inputs, network)
-        logits = self.window(window_inputs, predictor, task_embeddings=self.task_embeddings)
-        if self._references is None:
-            return logits
-        found = logits[0] > 0  # K x D x H x W, the objects of the first pass
-        if not found.flatten(1).any(-1).all():
-            return logits  # a class was not found at all: keep the ensemble result for every class
-        query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
-        chosen = retrieve(*self._references, query_embeddings.transpose(0, 1), self._top_k)
-        return self.window(window_inputs, predictor, task_embeddings=chosen)
+        return self.window(window_inputs, predictor, task_embeddings=embeddings)
 
     def _stitching(self, inputs: torch.Tensor, network: nn.Module) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
         """Inputs and predictor for MONAI's windows, which stitch in the inputs' dtype: with ``stitch_dtype``, the
@@ -111,6 +109,36 @@ class InContextInferer(Inferer):
             return network(window.to(network_dtype), **kwargs).to(stitch_dtype)
 
         return inputs.to(stitch_dtype), predict
+
+
+class RetrievalInferer(InContextInferer):
+    """Object-level retrieval: each query is first segmented with the task embeddings (the references' mean), the
+    objects found are encoded as the references were, and each class is segmented again with the mean of its
+    ``top_k`` most similar references (:func:`retrieve`).
+
+    Args: as :class:`InContextInferer`.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.references: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.top_k = 1
+
+    def use_task(self, embeddings: torch.Tensor, task: TaskInputs) -> None:
+        """First pass with ``embeddings``; then retrieve per query among the task's reference embeddings."""
+        self.references, self.top_k = (task.per_reference, task.present), task.retrieval_top_k
+        self.set_task(embeddings)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        if self.references is None:
+            raise RuntimeError("RetrievalInferer needs the references of a task (use_task) before segmenting a query.")
+        logits = self._segment(inputs, network, self.task_embeddings)
+        found = logits[0] > 0  # K x D x H x W, the objects of the first pass
+        if not found.flatten(1).any(-1).all():
+            return logits  # a class was not found at all: keep the ensemble result for every class
+        query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
+        chosen = retrieve(*self.references, query_embeddings.transpose(0, 1), self.top_k)
+        return self._segment(inputs, network, chosen)
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""

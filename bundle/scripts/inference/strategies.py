@@ -1,158 +1,108 @@
-"""IRIS inference strategies: how the task embeddings of the requested classes are obtained.
+"""The IRIS inference strategies, in one registry: how a task's embeddings are obtained and which inferer uses them.
 
-Each strategy returns ``1 x K x T x C`` embeddings; all but retrieval are computed once and reused for every
-query and every sliding window.
+Adding a strategy is one function ``(TaskInputs) -> 1 x K x T x C embeddings`` and one line in ``STRATEGIES``.
+Both inference (:class:`scripts.inference.task_setup.TaskSetupHandler`) and the k-shot evaluation
+(:class:`scripts.inference.evaluation.KShotEvaluation`) go through :func:`apply_strategy`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IrisInputError
-from ..training.losses import DiceBCELoss
+from .inferers import InContextInferer, RetrievalInferer
 from .support import Reference
-
-STRATEGIES = ("one_shot", "ensemble", "retrieval", "tuning", "memory")
-
-
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise IrisInputError(f"Unknown strategy '{strategy}'; choose one of {STRATEGIES}.")
-    return strategy
+from .task_embeddings import ensemble, memory, one_shot, tune, tuning_patches
 
 
-def _device(network: nn.Module) -> torch.device:
-    return next(network.parameters()).device
-
-
-@torch.no_grad()
-def encode_references(
-    network: nn.Module,
-    references_per_class: Sequence[Sequence[Reference]],
-    values: Sequence[int],
-    patch_size: Sequence[int],
-    batch_size: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task embedding of each class from each of its references, each from a patch around the class.
-
-    Classes may have different references (a datastore's label maps rarely all hold the same classes), so the result
-    is padded: ``R x K x T x C`` embeddings and an ``R x K`` mask of the slots that hold one, with R the largest
-    number of references of a class. Patches are encoded ``batch_size`` at a time to bound memory.
-    """
-    slots = [(r, k) for k, refs in enumerate(references_per_class) for r in range(len(refs))]
-    if any(not refs for refs in references_per_class):
-        raise ValueError("Every class needs at least one reference.")
-    device = _device(network)
-    encoded = []
-    for start in range(0, len(slots), batch_size):
-        pairs = [references_per_class[k][r].patch(values[k], patch_size) for r, k in slots[start : start + batch_size]]
-        images = torch.stack([image for image, _ in pairs])[:, None].to(device)  # N x 1 x 1 x P
-        masks = torch.stack([mask for _, mask in pairs]).float()[:, None].to(device)
-        encoded.append(network.encode_support(images, masks)[:, 0])  # N x T x C
-    embeddings = torch.cat(encoded)
-    rows, columns = torch.tensor(slots).T
-    per_reference = embeddings.new_zeros(int(rows.max()) + 1, len(values), *embeddings.shape[1:])
-    present = torch.zeros(per_reference.shape[:2], dtype=torch.bool, device=device)
-    per_reference[rows, columns] = embeddings
-    present[rows, columns] = True
-    return per_reference, present
-
-
-def one_shot(per_reference: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Each class from its first reference alone."""
-    first = present.int().argmax(0)  # K, the first slot holding each class
-    return per_reference[first, torch.arange(per_reference.shape[1])][None]
-
-
-def ensemble(per_reference: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Context ensemble: each class's mean embedding over its references."""
-    weights = present.to(per_reference.dtype)[..., None, None]
-    return ((per_reference * weights).sum(0) / weights.sum(0))[None]
-
-
-def memory(network: nn.Module, class_names: Sequence[str]) -> torch.Tensor:
-    """Stored memory-bank embeddings of seen classes; no reference needed."""
-    if network.memory_bank is None:
-        raise ValueError("Strategy 'memory' needs a network trained with use_memory_bank=true.")
-    return network.memory_bank.get(list(class_names)).unsqueeze(0)
-
-
-def retrieve(
-    per_reference: torch.Tensor, present: torch.Tensor, query_embeddings: torch.Tensor, top_k: int
-) -> torch.Tensor:
-    """Object-level retrieval: per class, average the ``top_k`` references most similar (cosine) to the query object.
+@dataclass
+class TaskInputs:
+    """What a strategy may draw on for the K requested classes.
 
     Args:
-        per_reference: R x K x T x C reference embeddings.
-        present: R x K, which references hold each class (see :func:`encode_references`).
-        query_embeddings: 1 x K x T x C embeddings of the objects first found in the query.
-        top_k: references kept per class (fewer when a class has fewer references).
+        network: the (unwrapped) IrisNet.
+        class_names: the classes' global names (the memory bank's keys).
+        values: the classes' label values in the references.
+        patch_size: the training patch size, as references are encoded.
+        references: each class's references (empty for strategies without references).
+        per_reference: R x K x T x C embeddings of each reference, with ``present`` (R x K) marking the slots that
+            hold one (see :func:`scripts.inference.task_embeddings.encode_references`); None without references.
+        tuning_steps, tuning_lr, on_tuning_step: in-context tuning schedule, and a ``(step, loss)`` callback.
+        retrieval_top_k: references averaged per class by retrieval.
     """
-    similarity = F.cosine_similarity(per_reference.flatten(2), query_embeddings.flatten(2), dim=-1)  # R x K
-    similarity = similarity.masked_fill(~present, float("-inf"))
-    best = similarity.topk(min(top_k, per_reference.shape[0]), dim=0).indices  # top_k x K
-    chosen = torch.gather(per_reference, 0, best[..., None, None].expand(-1, -1, *per_reference.shape[2:]))
-    return ensemble(chosen, torch.gather(present, 0, best))
+
+    network: nn.Module
+    class_names: Sequence[str]
+    values: Sequence[int] = ()
+    patch_size: Sequence[int] = ()
+    references: Sequence[Sequence[Reference]] = ()
+    per_reference: torch.Tensor | None = None
+    present: torch.Tensor | None = None
+    tuning_steps: int = 20
+    tuning_lr: float = 1e-3
+    on_tuning_step: Callable[[int, float], None] | None = field(default=None, repr=False)
+    retrieval_top_k: int = 1
 
 
-def tuning_patches(
-    references_per_class: Sequence[Sequence[Reference]], values: Sequence[int], patch_size: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every reference patch of every class: images N x 1 x P, masks N x P and the class index of each patch (N)."""
-    images, masks, classes = [], [], []
-    for index, (references, value) in enumerate(zip(references_per_class, values)):
-        for reference in references:
-            image, mask = reference.patch(value, patch_size)
-            images.append(image)
-            masks.append(mask[0].float())
-            classes.append(index)
-    return torch.stack(images), torch.stack(masks), torch.tensor(classes)
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy: ``embed`` gives the task embeddings, which ``inferer`` (a class) segments queries with.
+    ``needs_references``: False when it can run from the network alone; ``per_query``: its embeddings depend on each
+    query, so an embeddings file can only hold its first pass."""
+
+    embed: Callable[[TaskInputs], torch.Tensor]
+    inferer: type[InContextInferer] = InContextInferer
+    needs_references: bool = True
+    per_query: bool = False
 
 
-def tune(
-    network: nn.Module,
-    initial: torch.Tensor,
-    patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    steps: int = 20,
-    lr: float = 1e-3,
-    on_step: Callable[[int, float], None] | None = None,
-) -> torch.Tensor:
-    """In-context tuning: optimise only the task embeddings (Adam) to segment the references' own patches.
+def _one_shot(task: TaskInputs) -> torch.Tensor:
+    return one_shot(task.per_reference, task.present)
 
-    The network is frozen (no parameter receives a gradient); each reference patch supervises only its own class.
 
-    Args:
-        initial: 1 x K x T x C starting embeddings (usually the ensemble).
-        patches: output of :func:`tuning_patches`.
-        on_step: called with ``(step, loss)`` after every step, e.g. to log the support loss.
-    """
-    device = _device(network)
-    images, masks, classes = (t.to(device) for t in patches)  # N x 1 x P, N x P, N
-    own_class = F.one_hot(classes, initial.shape[1]).bool()  # N x K
-    target = masks[:, None] * own_class[(...,) + (None,) * (masks.dim() - 1)]  # N x K x P, only its class supervised
-    embeddings = initial.detach().clone().to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([embeddings], lr=lr)
-    loss_fn = DiceBCELoss()
-    was_training = network.training
-    network.eval()
-    requires_grad = [p.requires_grad for p in network.parameters()]
-    network.requires_grad_(False)
-    try:
-        for step in range(steps):
-            optimizer.zero_grad()
-            with torch.enable_grad():
-                logits = network(images, embeddings.expand(images.shape[0], -1, -1, -1))
-                loss = loss_fn(logits, target, own_class)
-                loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step(step, loss.item())
-    finally:
-        for parameter, flag in zip(network.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
-        network.train(was_training)
-    return embeddings.detach()
+def _ensemble(task: TaskInputs) -> torch.Tensor:
+    return ensemble(task.per_reference, task.present)
+
+
+def _tuning(task: TaskInputs) -> torch.Tensor:
+    patches = tuning_patches(task.references, task.values, task.patch_size)
+    return tune(task.network, _ensemble(task), patches, task.tuning_steps, task.tuning_lr, task.on_tuning_step)
+
+
+def _memory(task: TaskInputs) -> torch.Tensor:
+    return memory(task.network, task.class_names).to(next(task.network.parameters()).device)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "one_shot": Strategy(_one_shot),
+    "ensemble": Strategy(_ensemble),
+    "retrieval": Strategy(_ensemble, inferer=RetrievalInferer, per_query=True),  # the first pass; then per query
+    "tuning": Strategy(_tuning),
+    "memory": Strategy(_memory, needs_references=False),
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise IrisInputError(f"Unknown strategy '{name}'; choose one of {tuple(STRATEGIES)}.")
+    return STRATEGIES[name]
+
+
+def strategy_inferer(strategy: str, **window_settings) -> InContextInferer:
+    """The inferer that ``strategy`` segments with, built with ``window_settings`` (see :class:`InContextInferer`)."""
+    return get_strategy(strategy).inferer(**window_settings)
+
+
+def apply_strategy(name: str, task: TaskInputs, inferer: InContextInferer) -> torch.Tensor:
+    """Compute the task embeddings of strategy ``name`` and give them to ``inferer``; return them (1 x K x T x C,
+    the first pass for a per-query strategy)."""
+    strategy = get_strategy(name)
+    if not isinstance(inferer, strategy.inferer):
+        raise TypeError(f"Strategy '{name}' needs a {strategy.inferer.__name__}, got a {type(inferer).__name__}.")
+    embeddings = strategy.embed(task)
+    inferer.use_task(embeddings, task)
+    return embeddings

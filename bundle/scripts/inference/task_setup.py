@@ -13,11 +13,41 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..distributed import unwrap
+from ..errors import IrisInputError
 from .inferers import InContextInferer
-from .strategies import check_strategy, encode_references, ensemble, memory, one_shot, tune, tuning_patches
+from .strategies import TaskInputs, apply_strategy, get_strategy
 from .support import SupportSetError, load_references
+from .task_embeddings import encode_references
 
 logger = logging.getLogger(__name__)
+
+
+class TuningProgress:
+    """A progress bar and the support loss of in-context tuning, shown from its first step (if any)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.losses: list[float] = []
+        self.bar: tqdm | None = None
+        self.redirect = logging_redirect_tqdm()
+
+    def __enter__(self) -> TuningProgress:
+        self.redirect.__enter__()
+        return self
+
+    def __call__(self, step: int, loss: float) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.steps, desc="in-context tuning", leave=False)
+        self.losses.append(loss)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.update()
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.redirect.__exit__(*exc_info)
+        if self.losses:
+            logger.info(f"In-context tuning: support loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}")
 
 
 def load_embeddings(path: str | Path) -> dict:
@@ -117,17 +147,24 @@ class TaskSetupHandler:
 
     def check(self) -> None:
         """Reject an unusable task before any image is read."""
-        check_strategy(self.strategy)
+        strategy = get_strategy(self.strategy)
+        if not isinstance(self.inferer, strategy.inferer):
+            raise IrisInputError(
+                f"Strategy '{self.strategy}' segments with a {strategy.inferer.__name__}, but the config's inferer is "
+                f"a {type(self.inferer).__name__}: build it with scripts.inference.strategies.strategy_inferer."
+            )
         if not self.classes:
             raise SupportSetError("Give 'classes' (name -> label value, or memory-bank names for strategy 'memory').")
-        if self.strategy == "memory" or self.support_images:
+        if not strategy.needs_references or self.support_images:
             return
         if not self.embeddings_file:
             raise SupportSetError(
                 f"Strategy '{self.strategy}' needs support_images and support_labels, or an embeddings_file."
             )
-        if self.strategy == "retrieval":
-            raise SupportSetError("Strategy 'retrieval' chooses among references per query: give support images.")
+        if strategy.per_query:
+            raise SupportSetError(
+                f"Strategy '{self.strategy}' chooses among references per query: give support images."
+            )
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
@@ -136,42 +173,37 @@ class TaskSetupHandler:
         self.check()
         network = unwrap(self.network)
         names = list(self.classes)
-        if self.strategy == "memory":
-            self.inferer.set_task(memory(network, names).to(next(network.parameters()).device))
-            return
-        if not self.support_images:
-            self.inferer.set_task(self._loaded(network))
-            return
-        references = load_references(
-            self.support_images, self.support_labels, self.classes, self.modality, self.target_spacing, self.in_channels
+        task = TaskInputs(
+            network,
+            names,
+            list(self.classes.values()),
+            self.patch_size,
+            tuning_steps=self.tuning_steps,
+            tuning_lr=self.tuning_lr,
+            retrieval_top_k=self.retrieval_top_k,
         )
-        values = list(self.classes.values())
-        per_class = [[reference for reference in references if value in reference.subject.classes] for value in values]
-        per_reference, present = encode_references(network, per_class, values, self.patch_size)  # R x K x T x C
-        if self.strategy == "retrieval":
-            self.inferer.set_retrieval(per_reference, present, self.retrieval_top_k)
-            embeddings = self.inferer.task_embeddings  # the ensemble the first pass uses
-        elif self.strategy == "one_shot":
-            embeddings = one_shot(per_reference, present)
-        else:
-            embeddings = ensemble(per_reference, present)
-            if self.strategy == "tuning":
-                patches = tuning_patches(per_class, values, self.patch_size)
-                with logging_redirect_tqdm(), tqdm(
-                    total=self.tuning_steps, desc="in-context tuning", leave=False
-                ) as bar:
-
-                    def on_step(step: int, loss: float) -> None:
-                        self.tuning_losses.append(loss)
-                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                        bar.update()
-
-                    embeddings = tune(network, embeddings, patches, self.tuning_steps, self.tuning_lr, on_step=on_step)
-                logger.info(
-                    f"In-context tuning: support loss {self.tuning_losses[0]:.4f} -> {self.tuning_losses[-1]:.4f}"
-                )
-        if self.strategy != "retrieval":
-            self.inferer.set_task(embeddings)
+        if get_strategy(self.strategy).needs_references:
+            if not self.support_images:
+                self.inferer.set_task(self._loaded(network))
+                return
+            references = load_references(
+                self.support_images,
+                self.support_labels,
+                self.classes,
+                self.modality,
+                self.target_spacing,
+                self.in_channels,
+            )
+            task.references = [[ref for ref in references if value in ref.subject.classes] for value in task.values]
+            task.per_reference, task.present = encode_references(
+                network, task.references, task.values, self.patch_size
+            )  # R x K x T x C
+        with TuningProgress(self.tuning_steps) as progress:
+            task.on_tuning_step = progress
+            embeddings = apply_strategy(self.strategy, task, self.inferer)
+        self.tuning_losses = progress.losses
+        if not get_strategy(self.strategy).needs_references:
+            return
         if self.embeddings_file:
             save_embeddings(self.embeddings_file, self.classes, embeddings, self.strategy)
             logger.info(f"Saved task embeddings of {names} to {self.embeddings_file}")

@@ -95,21 +95,56 @@ class IrisNet(nn.Module):
         embeddings = self.encode_support(images.flatten(0, 1), masks.flatten(0, 1))  # (B*K) x 1 x T x C
         return embeddings.reshape(b, k, *embeddings.shape[2:])
 
-    def forward(self, query: torch.Tensor, task_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_episodes(self, images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Task embeddings of training episodes whose class slots may be padding.
+
+        Args:
+            images: B x K x S x in_channels x D x H x W reference patches, each class with its own.
+            masks: B x K x S x 1 x D x H x W binary masks of each patch's class.
+            valid: B x K, the slots that hold a class; padded slots are not encoded and stay zero.
+
+        Returns:
+            B x K x T x C task embeddings.
+        """
+        encoded = self.encode_classes(images[valid][None], masks[valid][None])[0]  # V x T x C
+        embeddings = encoded.new_zeros(*valid.shape, *encoded.shape[1:])
+        embeddings[valid] = encoded
+        return embeddings
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        task_embeddings: torch.Tensor | None = None,
+        support_image: torch.Tensor | None = None,
+        support_mask: torch.Tensor | None = None,
+        class_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Segment ``query`` (B x in_channels x D x H x W).
 
         Args:
             task_embeddings: B x K x T x C, or 1 x K x T x C shared by the batch (sliding windows);
                 None uses every class of the memory bank (a plain ``net(x)``). Each class is decoded independently
                 of the others (see :class:`MaskDecoder`).
+            support_image, support_mask, class_valid: a training episode's references instead of
+                ``task_embeddings`` (see :meth:`encode_episodes`). The whole episode then goes through one forward,
+                so that a DistributedDataParallel wrapper sees every use of the parameters.
 
         Returns:
-            B x K x D x H x W logits (sigmoid per class; classes may overlap).
+            B x K x D x H x W logits (sigmoid per class; classes may overlap); with a support set, also its
+            B x K x T x C task embeddings.
         """
+        if not torch.jit.is_scripting() and support_image is not None:  # training; not in the TorchScript export
+            if task_embeddings is not None or support_mask is None or class_valid is None:
+                raise ValueError("Give either task_embeddings or support_image, support_mask and class_valid.")
+            embeddings = self.encode_episodes(support_image, support_mask, class_valid)
+            return self._decode(query, embeddings), embeddings
         if task_embeddings is None:
             if self.memory_bank is None:
                 raise RuntimeError("This IrisNet has no memory bank: pass task_embeddings from encode_support.")
             task_embeddings = self.memory_bank().unsqueeze(0)
+        return self._decode(query, task_embeddings)
+
+    def _decode(self, query: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
         if task_embeddings.shape[0] == 1:
             task_embeddings = task_embeddings.expand(query.shape[0], -1, -1, -1)
         features = self.encoder(query)
@@ -132,7 +167,6 @@ def build_iris_net(
     blocks_per_stage: int = 1,
     channel_multipliers: Sequence[int] = PAPER_CHANNEL_MULTIPLIERS,
     use_memory_bank: bool = True,
-    memory_bank_size: int = 64,
     memory_momentum: float = 0.9,
     memory_classes: Sequence[str] = (),
     settings: Mapping[str, Any] | None = None,
@@ -155,7 +189,7 @@ def build_iris_net(
     prototype_widths = [in_channels + channels[0], *channels[1:-1]]  # see IrisNet.stages
     memory = None
     if use_memory_bank:
-        memory = MemoryBank(task_encoder.num_tokens, embed_dim, memory_momentum, memory_bank_size, memory_classes)
+        memory = MemoryBank(task_encoder.num_tokens, embed_dim, memory_momentum, memory_classes)
     network = {
         "in_channels": in_channels,
         "base_channels": base_channels,
@@ -165,7 +199,6 @@ def build_iris_net(
         "blocks_per_stage": blocks_per_stage,
         "channel_multipliers": [int(factor) for factor in channel_multipliers],
         "use_memory_bank": use_memory_bank,
-        "memory_bank_size": memory_bank_size,
         "memory_momentum": memory_momentum,
     }
     return IrisNet(

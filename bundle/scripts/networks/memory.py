@@ -13,41 +13,29 @@ from typing import Any
 import torch
 from torch import nn
 
-_BUFFERS = ("embeddings", "counts", "queue")
+_BUFFERS = ("embeddings", "counts")
 
 
 class MemoryBank(nn.Module):
-    """EMA of each class's task embedding, plus an optional FIFO queue of recent embeddings per class.
+    """EMA of each class's task embedding.
 
     Args:
         num_tokens: tokens per embedding ``m + 1``.
         embed_dim: token width ``C``.
         momentum: EMA weight of the old value, ``T <- a*T + (1-a)*T_new`` (guide 0.9, paper 0.999).
-        queue_size: embeddings kept per class for retrieval; 0 keeps none.
         class_names: classes to reserve rows for (zero until first updated or loaded). A bundle lists the classes
             of its released weights here, so that ``net(x)`` of a fresh network already has their output channels.
     """
 
-    def __init__(
-        self,
-        num_tokens: int,
-        embed_dim: int,
-        momentum: float = 0.9,
-        queue_size: int = 0,
-        class_names: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, num_tokens: int, embed_dim: int, momentum: float = 0.9, class_names: Sequence[str] = ()) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"memory_momentum must be in [0, 1), got {momentum}.")
-        if queue_size < 0:
-            raise ValueError(f"memory_bank_size must be >= 0, got {queue_size}.")
         self.momentum = momentum
-        self.queue_size = queue_size
         self.class_names: list[str] = []
         self.register_buffer("embeddings", torch.zeros(0, num_tokens, embed_dim))  # N x T x C
         self.register_buffer("counts", torch.zeros(0, dtype=torch.long))  # N updates seen per class
-        self.register_buffer("queue", torch.zeros(0, queue_size, num_tokens, embed_dim))  # N x Q x T x C
-        self._add_classes(class_names)
+        self.add_classes(class_names)
 
     def __len__(self) -> int:
         return len(self.class_names)
@@ -71,9 +59,9 @@ class MemoryBank(nn.Module):
         embeddings = self()
         return embeddings if names is None else embeddings[self.index(names)]
 
-    def _add_classes(self, names: Sequence[str]) -> None:
-        """Add rows for unknown classes, keeping the bank sorted by name, so the query-only forward's channel order
-        does not depend on the order in which training met the classes."""
+    def add_classes(self, names: Sequence[str]) -> None:
+        """Add rows (zero, never updated) for unknown classes, keeping the bank sorted by name, so the query-only
+        forward's channel order does not depend on the order in which training met the classes."""
         merged = sorted(set(self.class_names).union(names))
         if len(merged) == len(self.class_names):
             return
@@ -88,34 +76,33 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, names: Sequence[str], embeddings: torch.Tensor) -> None:
-        """Fold a batch of embeddings into the bank.
-
-        Embeddings of the same class within the batch are averaged first, so one call is one EMA step per class.
-        A class seen for the first time takes the new value as it is.
-
-        Args:
-            names: global class name of each row, ``dataset/label``.
-            embeddings: len(names) x T x C.
-        """
+        """Fold a batch of embeddings (len(names) x T x C) of the classes ``names`` (``dataset/label``) into the bank,
+        adding rows for new classes (see :meth:`update_rows`)."""
         if len(names) != embeddings.shape[0]:
             raise ValueError(f"Got {len(names)} class names for {embeddings.shape[0]} embeddings.")
-        if not names:
-            return
-        self._add_classes(names)
-        rows = torch.tensor(self.index(names), device=self.embeddings.device)
-        unique_rows, inverse = rows.unique(return_inverse=True)
-        sums = self.embeddings.new_zeros(len(unique_rows), *self.embeddings.shape[1:])
-        sums.index_add_(0, inverse, embeddings.to(sums))
-        means = sums / torch.bincount(inverse, minlength=len(unique_rows)).to(sums)[:, None, None]
+        self.add_classes(names)
+        self.update_rows(torch.tensor(self.index(names), dtype=torch.long, device=self.embeddings.device), embeddings)
 
-        first = self.counts[unique_rows] == 0
-        old = self.embeddings[unique_rows]
-        blended = self.momentum * old + (1.0 - self.momentum) * means
-        self.embeddings[unique_rows] = torch.where(first[:, None, None], means, blended)
-        if self.queue_size:
-            slots = self.counts[unique_rows] % self.queue_size
-            self.queue[unique_rows, slots] = means
-        self.counts[unique_rows] += 1
+    @torch.no_grad()
+    def update_rows(self, rows: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Fold a batch of embeddings (V x T x C) into the bank rows ``rows`` (V, long; -1 skips an embedding).
+
+        Embeddings of the same class within the batch are averaged first, so one call is one EMA step per class.
+        A class seen for the first time takes the new value as it is. Everything stays on the bank's device, without
+        a host synchronisation, so training can call it every iteration.
+        """
+        count = len(self.class_names)
+        rows = rows.to(self.embeddings.device)
+        target = torch.where(rows >= 0, rows, count)  # skipped embeddings go to a spare row, dropped below
+        sums = self.embeddings.new_zeros(count + 1, *self.embeddings.shape[1:])
+        sums.index_add_(0, target, embeddings.to(sums))
+        seen = self.counts.new_zeros(count + 1).index_add_(0, target, torch.ones_like(target))[:count]
+        means = sums[:count] / seen.clamp(min=1).to(sums)[:, None, None]
+        blended = self.momentum * self.embeddings + (1.0 - self.momentum) * means
+        first = (self.counts == 0)[:, None, None]
+        updated = torch.where(first, means, blended)
+        self.embeddings.copy_(torch.where((seen > 0)[:, None, None], updated, self.embeddings))
+        self.counts += (seen > 0).long()
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names)}
@@ -124,7 +111,9 @@ class MemoryBank(nn.Module):
         self.class_names = list(state["class_names"])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        # Resize the growable buffers to the checkpoint's class count before the default copy.
+        # Resize the growable buffers to the checkpoint's class count before the default copy. Models saved before
+        # bundle 0.7.0 also hold a FIFO queue that nothing read: it is dropped.
+        state_dict.pop(prefix + "queue", None)
         for name in _BUFFERS:
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape[1:] == getattr(self, name).shape[1:]:

@@ -31,7 +31,7 @@ def prepare_episode(batch: dict, device: torch.device, non_blocking: bool = Fals
 
 
 class EpisodicTrainer(SupervisedTrainer):
-    """One iteration = one batch of episodes: encode support -> decode query -> loss -> backward -> clip -> step.
+    """One iteration = one batch of episodes: one forward (encode support, decode query), loss, backward, clip, step.
 
     ``amp`` uses fp16 autocast with a GradScaler on CUDA and bf16 autocast on CPU. ``engine.state.output`` holds,
     besides MONAI's ``image``/``label``/``pred``/``loss``, the episode's ``task_embeddings``
@@ -41,7 +41,10 @@ class EpisodicTrainer(SupervisedTrainer):
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function, epoch_length, inferer,
-        train_handlers, amp, accumulation_steps: as in ``monai.engines.SupervisedTrainer``; ``loss_function`` is
+        train_handlers, amp, accumulation_steps: as in ``monai.engines.SupervisedTrainer``; the ``inferer`` (MONAI's
+            ``SimpleInferer`` by default) passes the whole episode to the network in one call,
+            ``network(query, support_image=..., support_mask=..., class_valid=...)``, which returns the logits and the
+            task embeddings (see ``IrisNet.forward``); ``loss_function`` is
             called as ``loss(logits, target, class_valid, unlabelled)`` (``unlabelled``: the episode's
             ``query_unlabelled`` voxels, or None).
         gradient_clip_norm: maximum global gradient norm, applied to unscaled gradients; None or <= 0 disables it.
@@ -104,8 +107,13 @@ class EpisodicTrainer(SupervisedTrainer):
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
         with torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.amp):
-            embeddings = engine._encode(episode["support_image"], episode["support_mask"], valid)
-            logits = engine.inferer(query, engine.network, task_embeddings=embeddings)
+            logits, embeddings = engine.inferer(  # the whole episode in one forward, as DDP must see it
+                query,
+                engine.network,
+                support_image=episode["support_image"],
+                support_mask=episode["support_mask"],
+                class_valid=valid,
+            )
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = engine.loss_function(logits, target, valid, episode.get("query_unlabelled"))
@@ -120,14 +128,6 @@ class EpisodicTrainer(SupervisedTrainer):
             self._step(engine)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-    def _encode(self, images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """B x K x T x C embeddings of the episodes' classes from their own references (B x K x S x ... each); padded
-        classes are not encoded and stay zero."""
-        encoded = unwrap(self.network).encode_classes(images[valid][None], masks[valid][None])[0]  # V x T x C
-        embeddings = encoded.new_zeros(*valid.shape, *encoded.shape[1:])
-        embeddings[valid] = encoded
-        return embeddings
 
     @staticmethod
     def _step(engine: EpisodicTrainer) -> None:

@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.pool import DatasetPool
-from ..distributed import gather_objects, is_main_process, unwrap
+from ..distributed import is_main_process, unwrap
 from ..errors import IrisInputError
 from .metrics import ClassGroupDice
 
@@ -191,33 +192,47 @@ class ValidationLog:
 class MemoryBankUpdateHandler:
     """After every iteration, fold the episode's task embeddings into the network's memory bank (EMA per class).
 
-    Under DDP every rank gathers the valid embeddings of all ranks (in rank order) and applies the same update, so
-    the banks stay bit-identical without relying on DDP's buffer broadcast.
+    The bank gets a row for every class training may request when training starts, so each update is an index
+    lookup on the device, without a host synchronisation. Under DDP every rank gathers the embeddings and class ids
+    of all ranks as tensors (``ignite.distributed.all_gather``, in rank order) and applies the same update, so the
+    banks stay bit-identical without relying on DDP's buffer broadcast.
 
     Args:
         network: the trained IrisNet (or a DDP wrapper of it).
-        class_names: global class names that the episode's ``class_ids`` index.
+        pool: the training pool: its ``class_names`` are what the episodes' ``class_ids`` index, and its held-out
+            classes, never requested in training, get no row.
     """
 
-    def __init__(self, network: nn.Module, class_names: Sequence[str]) -> None:
+    def __init__(self, network: nn.Module, pool: DatasetPool) -> None:
         self.network = network
-        self.class_names = list(class_names)
+        self.class_names = list(pool.class_names)
+        self.held_out = set(pool.held_out_class_names)
+        self._rows: torch.Tensor | None = None  # global class id -> bank row
+        self._bank_names: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _row_lookup(self, bank: nn.Module, device: torch.device) -> torch.Tensor:
+        """Global class id -> bank row, rebuilt only when the bank's classes change (e.g. a checkpoint loaded)."""
+        if self._rows is None or bank.class_names != self._bank_names:
+            bank.add_classes([name for name in self.class_names if name not in self.held_out])
+            row = {name: index for index, name in enumerate(bank.class_names)}
+            self._rows = torch.tensor([row.get(name, -1) for name in self.class_names], dtype=torch.long, device=device)
+            self._bank_names = list(bank.class_names)
+        return self._rows
 
     def __call__(self, engine: Engine) -> None:
         bank = unwrap(self.network).memory_bank
         if bank is None:
             return
         output = engine.state.output  # decollated: one dict per episode
-        valid = torch.stack([episode["class_valid"] for episode in output])  # B x K
-        embeddings = torch.stack([episode["task_embeddings"] for episode in output])[valid]  # V x T x C
-        class_ids = torch.stack([episode["class_ids"] for episode in output])[valid]
-        names = [self.class_names[i] for i in class_ids.tolist()]
-        gathered = gather_objects((names, embeddings.cpu()))
-        all_names = [name for rank_names, _ in gathered for name in rank_names]
-        bank.update(all_names, torch.cat([rank_embeddings for _, rank_embeddings in gathered]).to(embeddings.device))
+        ids = torch.stack([episode["class_ids"] for episode in output]).flatten()  # B*K, -1 for padding
+        embeddings = torch.stack([episode["task_embeddings"] for episode in output]).flatten(0, 1)  # B*K x T x C
+        ids, embeddings = idist.all_gather(ids), idist.all_gather(embeddings)
+        lookup = self._row_lookup(bank, ids.device)
+        rows = torch.where(ids >= 0, lookup[ids.clamp(min=0)], -1)
+        bank.update_rows(rows, embeddings)
 
 
 class NonFiniteLossGuard:

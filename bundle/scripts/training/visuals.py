@@ -26,19 +26,20 @@ class ValidationOverlays:
 
     Args:
         evaluator: the validation engine, whose outputs hold ``image``, ``label`` (masks) and ``pred`` (logits).
-        log_dir: TensorBoard folder.
+        summary_writer: the run's TensorBoard writer (one per run, shared by every handler that writes to it).
         max_cases: queries shown per validation.
         class_names: the pool's class names, which the outputs' ``class_ids`` index: the legend names each class.
     """
 
-    def __init__(self, evaluator: Engine, log_dir: str, max_cases: int = 2, class_names: Sequence[str] = ()) -> None:
+    def __init__(
+        self, evaluator: Engine, summary_writer: SummaryWriter, max_cases: int = 2, class_names: Sequence[str] = ()
+    ) -> None:
         self.evaluator = evaluator
-        self.log_dir = log_dir
+        self.writer = summary_writer
         self.max_cases = max_cases
         self.class_names = list(class_names)
         self.cases: list[np.ndarray] = []
         self.trainer: Engine | None = None
-        self.writer = None
 
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer
@@ -70,8 +71,6 @@ class ValidationOverlays:
         return [self.class_names[int(i)] if int(i) >= 0 else "padding" for i in class_ids[0].tolist()]
 
     def write(self, engine: Engine) -> None:
-        if self.writer is None:
-            self.writer = SummaryWriter(log_dir=self.log_dir)
         for index, picture in enumerate(self.cases):
             self.writer.add_image(f"val_overlay/{index}", picture, self.trainer.state.iteration, dataformats="HWC")
         self.writer.flush()
@@ -85,19 +84,27 @@ class TrainingCurves:
     Args:
         optimizer: the optimizer whose first group's learning rate is recorded.
         evaluator: the validation engine; its metrics are recorded after each run.
-        output_dir: where the PNG, the JSON and the TensorBoard scalars go.
+        output_dir: where the PNG and the JSON go.
+        summary_writer: the run's TensorBoard writer, which gets the learning rate.
         loss: the mean loss of each logging window, attached to the trainer before this handler; a point is recorded
             at the end of each of its windows.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, evaluator: Engine, output_dir: str, loss: WindowMeanLoss):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        evaluator: Engine,
+        output_dir: str,
+        loss: WindowMeanLoss,
+        summary_writer: SummaryWriter,
+    ):
         self.optimizer = optimizer
         self.evaluator = evaluator
         self.output_dir = Path(output_dir)
         self.loss = loss
         self.history: dict[str, list] = {"iteration": [], "loss": [], "lr": [], "validation": []}
         self.trainer: Engine | None = None
-        self.writer = None
+        self.writer = summary_writer
 
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer
@@ -127,8 +134,6 @@ class TrainingCurves:
         self.history["iteration"].append(engine.state.iteration)
         self.history["loss"].append(self.loss.value)
         self.history["lr"].append(lr)
-        if self.writer is None:
-            self.writer = SummaryWriter(log_dir=str(self.output_dir))
         self.writer.add_scalar("learning_rate", lr, engine.state.iteration)
 
     def record_validation(self, evaluator: Engine) -> None:

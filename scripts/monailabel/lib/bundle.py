@@ -30,7 +30,6 @@ BUNDLE_SETTINGS = (
     "num_heads",
     "decoder_depth",
     "channel_multipliers",
-    "memory_bank_size",
     "patch_size",
     "target_spacing",
     "modality",
