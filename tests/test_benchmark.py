@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every benchmark step, on the demo data
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = {"base_channels": 4, "num_query_tokens": 3, "num_heads": 4, "channel_multipliers": (1, 2, 4)}
 REPORTED = (

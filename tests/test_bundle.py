@@ -62,6 +62,7 @@ def test_configs_are_indented_json() -> None:
         assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name} is not 4-space indented JSON"
 
 
+@pytest.mark.slow
 def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     ckpt_dir, output_dir = tmp_path / "models", tmp_path / "logs"
     command = [
@@ -185,6 +186,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_lr_range_test_sweeps_the_bundle_trainer(demo_dataset: Path, tmp_path: Path) -> None:
     command = [
         sys.executable, "scripts/lr_range_test.py",

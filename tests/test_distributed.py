@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # torchrun subprocesses training and evaluating
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/multi_gpu_train.json']"

@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.networks import build_iris_net
 from scripts.training.model_settings import training_settings
+
+pytestmark = pytest.mark.slow  # monai.bundle run evaluating subprocesses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 8, "channel_multipliers": [1, 2, 4, 8]}

@@ -55,7 +55,8 @@ def demo(demo_dataset: Path) -> dict:
     }
 
 
-def run_inference(checkpoint: Path, output_dir: Path, **overrides) -> ConfigWorkflow:
+def inference_workflow(checkpoint: Path, output_dir: Path, **overrides) -> ConfigWorkflow:
+    """inference.json with ``overrides``, initialised but not run: its objects can be looked at before running."""
     options = {
         "bundle_root": str(REPO_ROOT / "bundle"),
         "ckpt_path": str(checkpoint),
@@ -71,6 +72,11 @@ def run_inference(checkpoint: Path, output_dir: Path, **overrides) -> ConfigWork
         **options,
     )
     workflow.initialize()
+    return workflow
+
+
+def run_inference(checkpoint: Path, output_dir: Path, **overrides) -> ConfigWorkflow:
+    workflow = inference_workflow(checkpoint, output_dir, **overrides)
     workflow.run()
     workflow.finalize()
     return workflow
@@ -81,7 +87,8 @@ def assert_label_map_like(query: str, segmentation: Path, allowed: set[int]) -> 
     assert result.shape == source.shape
     np.testing.assert_allclose(result.affine, source.affine, atol=1e-4)
     values = np.asarray(result.dataobj)
-    assert set(np.unique(values).tolist()) <= allowed
+    found = set(np.unique(values).tolist())
+    assert found <= allowed and len(found) >= 2, found  # the classes' values only, and not one constant
     return values
 
 
@@ -107,39 +114,33 @@ def test_every_strategy_writes_valid_label_maps(strategy: str, checkpoint: Path,
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["strategy"] == strategy and len(summary["queries"]) == len(demo["queries"])
     allowed = {0, 1, 2} if strategy == "memory" else {0, 1, 3}
+    segmented = set()
     for query, entry in zip(demo["queries"], summary["queries"]):
         assert entry["query"] == query
         values = assert_label_map_like(query, Path(entry["segmentation"]), allowed)
+        assert set(entry["classes"]) == set(classes)  # every requested class is reported, found or not
         for name, stats in entry["classes"].items():
             assert stats["voxels"] == int((values == stats["label_value"]).sum())
+            segmented |= {name} if stats["voxels"] else set()
             assert stats["volume_ml"] == pytest.approx(stats["voxels"] * 1.5**3 / 1000, rel=1e-3)
         preview = Image.open(entry["segmentation"].replace("_seg.nii.gz", "_preview.png"))
         assert preview.width >= 512 and preview.height > preview.width / 3  # panels and a legend line per class
+    assert segmented == set(classes)  # each class is segmented in some query: not an empty or a one-class output
     if strategy == "tuning":
         losses = workflow.parser.get_parsed_content("task_setup").tuning_losses
         assert len(losses) == 5 and losses[-1] < losses[0]
 
 
 def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
-    calls = []
-    original = torch.nn.Module.__call__
-
-    def counting_call(module, *args, **kwargs):
-        if type(module).__name__ == "TaskEncoder":
-            calls.append(args[0].shape[0])
-        return original(module, *args, **kwargs)
-
-    torch.nn.Module.__call__ = counting_call
-    try:
-        run_inference(
-            checkpoint,
-            tmp_path,
-            classes=CLASSES,
-            query_images=demo["queries"],
-            **{k: demo[k] for k in ("support_images", "support_labels")},
-        )
-    finally:
-        torch.nn.Module.__call__ = original
+    support = {k: demo[k] for k in ("support_images", "support_labels")}
+    workflow = inference_workflow(checkpoint, tmp_path, classes=CLASSES, query_images=demo["queries"], **support)
+    network = workflow.parser.get_parsed_content("network")
+    assert workflow.parser.get_parsed_content("evaluator").network is network  # the network the run will use
+    calls = []  # the batch size of every task encoding: one entry per (reference, class) pair encoded together
+    network.task_encoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    workflow.run()
+    workflow.finalize()
+    assert (tmp_path / "summary.json").is_file()
     labels = [np.asarray(nib.load(path).dataobj) for path in demo["support_labels"]]
     pairs = sum(int((label == value).any()) for label in labels for value in CLASSES.values())
     assert pairs >= 3 and calls == [pairs]  # one batched encoding of every (reference, class) pair, none per window
@@ -331,6 +332,7 @@ def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> Non
         query_files(str(tmp_path))  # a folder without images
 
 
+@pytest.mark.slow
 def test_a_user_error_ends_the_command_with_its_message(checkpoint: Path, tmp_path: Path) -> None:
     """No config-expression traceback for a mistake the user can fix: one message and exit status 1."""
     for command in (

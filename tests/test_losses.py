@@ -119,26 +119,6 @@ def test_perfect_prediction_has_near_zero_dice(loss_fn: EpisodicLoss) -> None:
     assert DiceBCELoss(bce_weight=0.0)(-logits, target, VALID).item() > 0.9
 
 
-def test_class_weights() -> None:
-    logits, target = _episode(seed=7)
-    valid = torch.ones(2, 3, dtype=torch.bool)
-    per_entry = _ref_dice(logits, target) + _ref_bce(logits, target)
-    weights = torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64)
-    expected = (per_entry * weights).sum() / (weights.sum() * 2)
-    loss = DiceBCELoss(class_weights=[1.0, 3.0, 0.0])(logits, target, valid)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-
-    # The weights of valid slots only enter the denominator: b=1 has only slot 0 valid.
-    only_first = DiceBCELoss(class_weights=[2.0, 1.0, 1.0])(logits, target, VALID)
-    valid_weights = torch.tensor([[2.0, 1.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(
-        only_first.double(), (per_entry * valid_weights).sum() / valid_weights.sum(), rtol=1e-5, atol=1e-6
-    )
-
-    with pytest.raises(ValueError, match="K=3"):
-        DiceBCELoss(class_weights=[1.0, 2.0])(logits, target, valid)
-
-
 @pytest.mark.parametrize("loss_fn", _all_losses(), ids=lambda m: type(m).__name__)
 def test_all_invalid_batch_returns_zero_with_grad(loss_fn: EpisodicLoss) -> None:
     logits, target = _episode(seed=8)
@@ -186,7 +166,6 @@ def test_shape_checks() -> None:
         (lambda: DiceFocalLoss(focal_weight=-0.5), "focal_weight"),
         (lambda: FocalLoss(alpha=1.5), "alpha"),
         (lambda: FocalLoss(gamma=-2.0), "gamma"),
-        (lambda: DiceBCELoss(class_weights=[1.0, -1.0]), "class_weights"),
     ],
 )
 def test_invalid_arguments_raise(factory, message: str) -> None:
@@ -199,8 +178,8 @@ def test_build_loss() -> None:
     assert isinstance(build_loss("dice_focal"), DiceFocalLoss)
     assert build_loss("dice_bce", empty_fraction=0.05).empty_fraction == 0.05  # the config's empty_target_smoothing
     assert build_loss("dice_focal", empty_fraction=0.0).empty_fraction == 0.0
-    focal = build_loss("focal", alpha=0.4, gamma=1.0, class_weights=[1.0, 2.0, 3.0])
-    assert isinstance(focal, FocalLoss) and focal.class_weights == [1.0, 2.0, 3.0]
+    focal = build_loss("focal", alpha=0.4, gamma=1.0)
+    assert isinstance(focal, FocalLoss) and (focal.focal.alpha, focal.focal.gamma) == (0.4, 1.0)
     with pytest.raises(ValueError, match="dice_bce.*dice_focal.*focal"):
         build_loss("dice_ce")
 

@@ -113,6 +113,7 @@ def label_map(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
 
 
+@pytest.mark.slow
 def test_label_one_segment_the_rest(server: dict, workspace: dict, tmp_path: Path) -> None:
     client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
     info = client.info()
@@ -146,6 +147,7 @@ def test_label_one_segment_the_rest(server: dict, workspace: dict, tmp_path: Pat
     print(f"server start {server['start_s']:.1f} s, /infer retrieval latency {latency:.2f} s")
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_on_the_datastore_labels(server: dict, workspace: dict) -> None:
     if not requests.head(f"{server['url']}/datastore/label", params={"image": "case0", "tag": "final"}).ok:
         pytest.fail("test_label_one_segment_the_rest submits the label this test trains on; run the module whole")
@@ -168,6 +170,7 @@ def test_train_fine_tunes_on_the_datastore_labels(server: dict, workspace: dict)
     assert params["checkpoint"] == str(finetuned)  # inference now uses the weights this server fine-tuned
 
 
+@pytest.mark.slow
 def test_stock_monaibundle_app_serves_the_memory_bank(workspace: dict, tmp_path: Path) -> None:
     """MONAI Label's own bundle app runs the bundle's inference.json: the query-only forward, every bank class."""
     stock = Path(sys.prefix) / "monailabel" / "sample-apps" / "monaibundle"  # where pip installs the sample apps

@@ -254,6 +254,7 @@ def test_2d_images_give_single_slice_episodes_and_batches_never_mix_datasets(pre
     assert item["support_image"].shape == (2, 1, 1, 16, 16, 1) and item["support_mask"][0, 0].sum() > 0
 
 
+@pytest.mark.slow
 def test_pooled_training_runs_on_every_prepared_layout(prepared: dict[str, Path], tmp_path: Path) -> None:
     output_dir = tmp_path / "logs"
     command = [

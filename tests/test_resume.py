@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from scripts.atomic import atomic_save
@@ -39,6 +40,7 @@ def final_network(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "models" / "checkpoint_00000012.pt", weights_only=True)["network"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(demo_dataset: Path, tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
     run(training_command(demo_dataset, reference))
@@ -70,6 +72,7 @@ def test_killed_run_resumes_to_the_same_weights(demo_dataset: Path, tmp_path: Pa
     assert len(list((interrupted / "models").glob("checkpoint_*.pt"))) <= 3  # pruned to checkpoints_to_keep
 
 
+@pytest.mark.slow
 def test_corrupted_newest_checkpoint_falls_back_and_fresh_start_ignores(demo_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run(training_command(demo_dataset, run_dir, "--total_iterations", "6"))
@@ -85,6 +88,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_fresh_start_ignores(demo_dat
     assert "Resuming training from" not in fresh.stdout + fresh.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_network_is_named_before_training(demo_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run(training_command(demo_dataset, run_dir, "--total_iterations", "3"))
@@ -95,6 +99,7 @@ def test_checkpoint_of_another_network_is_named_before_training(demo_dataset: Pa
     assert not (run_dir / "models" / "checkpoint_00000006.pt").exists()  # nothing trained, nothing overwritten
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_a_better_model(demo_dataset: Path, tmp_path: Path) -> None:
     """The best score is resumable state: after a resume, model.pt is replaced only by a better model."""
     run_dir = tmp_path / "run"

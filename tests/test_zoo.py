@@ -37,6 +37,7 @@ def overrides(values: dict) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", json.dumps(value))]
 
 
+@pytest.mark.slow
 def test_verify_metadata_against_the_zoo_schema(tmp_path: Path) -> None:
     schema = tmp_path / "schema.json"
     shutil.copy(SCHEMA, schema)  # the public schema of the metadata's "schema" URL, stored for offline runs
@@ -65,6 +66,7 @@ def test_metadata_describes_the_model_that_inference_builds_without_weights(tmp_
     assert "models/model.pt" in large_files
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_on_the_query_only_forward() -> None:
     monai_bundle(
         "verify_net_in_out", "network_def", "--config_file", "configs/inference.json",
@@ -73,6 +75,7 @@ def test_verify_net_in_out_on_the_query_only_forward() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ckpt_export_to_torchscript_matches_the_eager_network(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_iris_net(**TINY)

@@ -9,7 +9,6 @@ gradient that reaches their logits is exactly zero. Every loss computes a value 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,21 +27,9 @@ class EpisodicLoss(nn.Module):
     """Base class: masks padded classes and reduces a per-``(b, k)`` loss to a scalar.
 
     Subclasses implement :meth:`per_entry`. Computation runs in float32 with autocast disabled, because Dice sums
-    and BCE logarithms over whole volumes lose too much precision in bf16/fp16.
-
-    Args:
-        class_weights: optional weight per episode slot ``k`` (length ``K``, ``>= 0``). It indexes the position of a
-            class in the episode, not a global label, so it is only meaningful when the data pipeline puts the same
-            kind of class in the same slot. ``None`` weights all slots equally.
+    and BCE logarithms over whole volumes lose too much precision in bf16/fp16. Every valid entry weighs the same: an
+    episode's class slots hold randomly drawn classes, so a weight per slot would mean nothing.
     """
-
-    def __init__(self, class_weights: Sequence[float] | None = None) -> None:
-        super().__init__()
-        if class_weights is not None:
-            class_weights = [float(w) for w in class_weights]
-            if not class_weights or min(class_weights) < 0:
-                raise ValueError(f"class_weights must be a non-empty sequence of values >= 0, got {class_weights}.")
-        self.class_weights = class_weights
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Computes the loss of each ``(b, k)`` entry.
@@ -75,8 +62,8 @@ class EpisodicLoss(nn.Module):
                 constant of zero loss and zero gradient (the voxel-mean terms still divide by every voxel).
 
         Returns:
-            Scalar float32 loss: the weighted mean over valid ``(b, k)`` entries; 0 (still attached to ``logits``'
-            graph) when no entry is valid or all valid entries have weight 0.
+            Scalar float32 loss: the mean over valid ``(b, k)`` entries; 0 (still attached to ``logits``' graph) when
+            no entry is valid.
         """
         if logits.ndim < 3:
             raise ValueError(f"logits must be B x K x spatial..., got shape {tuple(logits.shape)}.")
@@ -98,10 +85,6 @@ class EpisodicLoss(nn.Module):
                 logits = torch.where(unlabelled, UNLABELLED_LOGIT, logits)
                 target = torch.where(unlabelled, 0.0, target)
             weights = class_valid.float()
-            if self.class_weights is not None:
-                if len(self.class_weights) != classes:
-                    raise ValueError(f"class_weights has {len(self.class_weights)} values for K={classes} classes.")
-                weights = weights * torch.tensor(self.class_weights, device=logits.device)
             loss = (self.per_entry(logits, target) * weights).sum()
             return loss / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -144,7 +127,6 @@ class DiceBCELoss(EpisodicLoss):
     Args:
         dice_weight: weight of the Dice term, ``>= 0``.
         bce_weight: weight of the BCE term, ``>= 0``.
-        class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
         smooth_nr: constant added to the Dice numerator.
         smooth_dr: constant added to the Dice denominator.
         empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
@@ -157,13 +139,12 @@ class DiceBCELoss(EpisodicLoss):
         self,
         dice_weight: float = 1.0,
         bce_weight: float = 1.0,
-        class_weights: Sequence[float] | None = None,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         empty_fraction: float = 0.01,
         boundary_weight: float = 0.0,
     ) -> None:
-        super().__init__(class_weights)
+        super().__init__()
         _check_non_negative(
             dice_weight=dice_weight,
             bce_weight=bce_weight,
@@ -193,11 +174,10 @@ class FocalLoss(EpisodicLoss):
     Args:
         alpha: weight of foreground voxels, in ``[0, 1]``.
         gamma: focusing exponent, ``>= 0`` (0 gives alpha-weighted BCE).
-        class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
     """
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, class_weights: Sequence[float] | None = None) -> None:
-        super().__init__(class_weights)
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0) -> None:
+        super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
         _check_non_negative(gamma=gamma)
@@ -216,7 +196,6 @@ class DiceFocalLoss(EpisodicLoss):
         focal_weight: weight of the focal term, ``>= 0``.
         alpha: focal weight of foreground voxels, in ``[0, 1]``.
         gamma: focal focusing exponent, ``>= 0``.
-        class_weights: optional weight per episode slot ``k``; see :class:`EpisodicLoss`.
         smooth_nr: constant added to the Dice numerator.
         smooth_dr: constant added to the Dice denominator.
         empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
@@ -230,13 +209,12 @@ class DiceFocalLoss(EpisodicLoss):
         focal_weight: float = 1.0,
         alpha: float = 0.25,
         gamma: float = 2.0,
-        class_weights: Sequence[float] | None = None,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         empty_fraction: float = 0.01,
         boundary_weight: float = 0.0,
     ) -> None:
-        super().__init__(class_weights)
+        super().__init__()
         _check_non_negative(
             dice_weight=dice_weight,
             focal_weight=focal_weight,
