@@ -213,7 +213,6 @@ def test_evaluator_encodes_each_reference_once_and_measures_reference_following(
         EpisodicEvaluator(device="cpu", val_data_loader=DataLoader(dataset, batch_size=2), network=net)
 
 
-@pytest.mark.slow
 def test_bf16_loss_follows_fp32_on_a_fixed_episode(pools) -> None:
     episode = EpisodeDataset(pools[0], 2, PATCH, max_classes=3, seed=5)
     batch = [episode[0], episode[1]]

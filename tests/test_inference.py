@@ -136,7 +136,7 @@ def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, d
     workflow = inference_workflow(checkpoint, tmp_path, classes=CLASSES, query_images=demo["queries"], **support)
     network = workflow.parser.get_parsed_content("network")
     assert workflow.parser.get_parsed_content("evaluator").network is network  # the network the run will use
-    calls = []  # the batch size of every task encoding: one entry per (reference, class) pair encoded together
+    calls = []  # the batch size of every TaskEncoder call of this run's network
     network.task_encoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     workflow.run()
     workflow.finalize()
