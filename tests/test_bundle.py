@@ -129,6 +129,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert plotted.returncode == 0, plotted.stderr[-3000:]
     assert (tmp_path / "class_embeddings_pca.png").is_file() and (tmp_path / "class_similarity.csv").is_file()
 
+    assert len(list(output_dir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer for every handler
     events = EventAccumulator(str(output_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert {"val_overlay/0", "val_overlay/1"} <= set(events.Tags()["images"])
