@@ -54,10 +54,19 @@ from scripts.training.optimizers import Lamb  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
-PRESETS = {
-    "demo": {"base_channels": 8, "num_query_tokens": 8, "num_heads": 8, "channel_multipliers": (1, 2, 4, 8)},
-    "paper": {"base_channels": 32, "num_query_tokens": 10, "num_heads": 8, "channel_multipliers": (1, 2, 4, 8, 10)},
-}
+NETWORK_IDS = ("base_channels", "num_query_tokens", "num_heads", "decoder_depth", "channel_multipliers")
+
+
+def config_network(*config_files: str) -> dict:
+    """The network size that the bundle configs (later files override earlier ones) give ``build_iris_net``, so the
+    benchmark measures the networks that the Quick start and the paper recipe train."""
+    merged: dict = {}
+    for name in config_files:
+        merged.update(json.loads((BUNDLE_ROOT / "configs" / name).read_text()))
+    return {key: merged[key] for key in NETWORK_IDS}
+
+
+PRESETS = {"demo": config_network("train.json", "demo.json"), "paper": config_network("train.json")}
 
 
 @dataclass(frozen=True)
