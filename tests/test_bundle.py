@@ -50,6 +50,25 @@ def test_train_config_has_every_property(configs: tuple[str, ...], demo_dataset:
     assert workflow.check_properties() == []
 
 
+def test_handlers_are_switched_off_by_name(demo_dataset: Path, tmp_path: Path) -> None:
+    """Every handler has a name under train#handler / validate#handler; `_disabled_` on the name removes it."""
+    options = {"dataset_dir": str(demo_dataset.parent), "output_dir": str(tmp_path), "ckpt_dir": str(tmp_path)}
+    off = {f"train#handler#{name}#_disabled_": True for name in ("tensorboard", "checkpoints", "training_summary")}
+    off["validate#handler#tensorboard#_disabled_"] = True
+    full = _workflow("train.json", "demo.json", **options)
+    reduced = _workflow("train.json", "demo.json", **options, **off)
+    for workflow in (full, reduced):
+        workflow.initialize()
+    train = [type(h).__name__ for h in full.parser.get_parsed_content("train#handlers")]
+    reduced_train = [type(h).__name__ for h in reduced.parser.get_parsed_content("train#handlers")]
+    assert len(train) == len(full.parser["train#handler"]) - 2  # pretrained_weights and encoder_freeze are off
+    assert set(train) - set(reduced_train) == {"CheckpointManager", "TensorBoardStatsHandler", "TrainingSummary"}
+    validate = [type(h).__name__ for h in full.parser.get_parsed_content("validate#handlers")]
+    reduced_validate = [type(h).__name__ for h in reduced.parser.get_parsed_content("validate#handlers")]
+    assert set(validate) - set(reduced_validate) == {"TensorBoardStatsHandler"}
+    assert reduced.check_properties() == []
+
+
 def test_metadata_follows_the_zoo_schema() -> None:
     metadata = json.loads((CONFIGS / "metadata.json").read_text())
     jsonschema.validate(metadata, json.loads(SCHEMA.read_text()))

@@ -7,6 +7,7 @@ import torch
 
 from scripts.networks import build_iris_net
 from scripts.networks.memory import MemoryBank
+from scripts.training.embedding_map import memory_bank_embeddings
 
 
 def test_first_update_sets_then_ema_blends() -> None:
@@ -87,3 +88,27 @@ def test_reserved_classes_give_the_query_only_forward_its_channels(tmp_path) -> 
     fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert fresh.memory_bank.class_names == ["y/a", "y/b", "y/c"]
     assert fresh(torch.rand(1, 1, 16, 16, 16)).shape[1] == 3
+
+
+def test_update_rows_skips_padding_and_matches_the_update_by_name() -> None:
+    """The device-side update that training uses: rows of -1 (padded slots) are skipped, repeated rows averaged."""
+    by_name, by_row = (MemoryBank(num_tokens=1, embed_dim=2, momentum=0.5) for _ in range(2))
+    for bank in (by_name, by_row):
+        bank.add_classes(["ds/a", "ds/b", "ds/c"])
+    first, second = torch.tensor([[[2.0, 2.0]], [[4.0, 0.0]]]), torch.tensor([[[6.0, 2.0]], [[9.0, 9.0]], [[0.0, 4.0]]])
+    by_name.update(["ds/a", "ds/c"], first)
+    by_name.update(["ds/a", "ds/a"], second[[0, 2]])
+    by_row.update_rows(torch.tensor([0, -1, 2]), torch.cat([first[:1], torch.full((1, 1, 2), 99.0), first[1:]]))
+    by_row.update_rows(torch.tensor([0, -1, 0]), second)
+    torch.testing.assert_close(by_row.embeddings, by_name.embeddings)
+    assert by_row.counts.tolist() == by_name.counts.tolist() == [2, 0, 1]
+    torch.testing.assert_close(by_row.embeddings[0], torch.tensor([[2.5, 2.5]]))  # 0.5 * (2, 2) + 0.5 * (3, 3)
+
+
+def test_the_embedding_map_skips_rows_that_training_never_filled() -> None:
+    net = build_iris_net(base_channels=4, num_query_tokens=2, num_heads=4)
+    net.memory_bank.add_classes(["ds/a", "ds/b", "ds/c"])
+    net.memory_bank.update(["ds/b"], torch.randn(1, *net.memory_bank.embeddings.shape[1:]))
+    names, embeddings = memory_bank_embeddings(net.state_dict())
+    assert names == ["ds/b"]
+    torch.testing.assert_close(embeddings, net.memory_bank.embeddings[1:2].flatten(1))

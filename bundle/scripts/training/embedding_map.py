@@ -21,12 +21,15 @@ logger = logging.getLogger(__name__)
 
 
 def memory_bank_embeddings(state: Mapping[str, object]) -> tuple[list[str], torch.Tensor]:
-    """Class names and flattened embeddings (N x T*C) of the memory bank in a network state dict."""
+    """Class names and flattened embeddings (N x T*C) of the memory bank in a network state dict, without the rows
+    that training reserved but never filled (count 0)."""
     extra = state.get("memory_bank._extra_state")
-    embeddings = state.get("memory_bank.embeddings")
-    if not isinstance(extra, dict) or embeddings is None or not extra.get("class_names"):
+    embeddings, counts = state.get("memory_bank.embeddings"), state.get("memory_bank.counts")
+    names = list(extra.get("class_names", [])) if isinstance(extra, dict) else []
+    filled = [row for row in range(len(names)) if counts is None or int(counts[row]) > 0]
+    if embeddings is None or not filled:
         raise ValueError("The model has no filled memory bank: train with use_memory_bank true.")
-    return list(extra["class_names"]), embeddings.flatten(1).float()
+    return [names[row] for row in filled], embeddings[filled].flatten(1).float()
 
 
 def cosine_similarity_matrix(embeddings: torch.Tensor) -> np.ndarray:
@@ -103,7 +106,8 @@ class EmbeddingMap:
 
     def __call__(self, engine: Engine) -> None:
         bank = unwrap(self.network).memory_bank
-        if bank is None or len(bank) == 0:
+        if bank is None or not bool((bank.counts > 0).any()):
             return
-        written = write_embedding_map(bank.class_names, bank.embeddings.detach().cpu().flatten(1), self.output_dir)
+        names, embeddings = memory_bank_embeddings(bank.state_dict(prefix="memory_bank."))
+        written = write_embedding_map(names, embeddings.detach().cpu(), self.output_dir)
         logger.info(f"Class-embedding map: {', '.join(str(path) for path in written)}.")
