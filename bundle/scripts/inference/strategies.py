@@ -74,7 +74,7 @@ def _tuning(task: TaskInputs) -> torch.Tensor:
 
 
 def _memory(task: TaskInputs) -> torch.Tensor:
-    return memory(task.network, task.class_names).to(next(task.network.parameters()).device)
+    return memory(task.network, task.class_names)
 
 
 STRATEGIES: dict[str, Strategy] = {

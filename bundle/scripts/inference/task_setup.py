@@ -182,10 +182,11 @@ class TaskSetupHandler:
             tuning_lr=self.tuning_lr,
             retrieval_top_k=self.retrieval_top_k,
         )
-        if get_strategy(self.strategy).needs_references:
-            if not self.support_images:
-                self.inferer.set_task(self._loaded(network))
-                return
+        strategy = get_strategy(self.strategy)
+        if strategy.needs_references and not self.support_images:
+            self.inferer.set_task(self._loaded(network))
+            return
+        if strategy.needs_references:
             references = load_references(
                 self.support_images,
                 self.support_labels,
@@ -202,9 +203,7 @@ class TaskSetupHandler:
             task.on_tuning_step = progress
             embeddings = apply_strategy(self.strategy, task, self.inferer)
         self.tuning_losses = progress.losses
-        if not get_strategy(self.strategy).needs_references:
-            return
-        if self.embeddings_file:
+        if self.embeddings_file and strategy.needs_references:
             save_embeddings(self.embeddings_file, self.classes, embeddings, self.strategy)
             logger.info(f"Saved task embeddings of {names} to {self.embeddings_file}")
 

@@ -19,6 +19,11 @@ from .metrics import k_dice_change
 REQUIRED_KEYS = ("support_image", "support_mask", "query_image", "query_mask", "class_ids")
 
 
+def autocast_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype of ``amp``: fp16 on CUDA (with a GradScaler in training), bf16 elsewhere (no scaler needed)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
 def prepare_episode(batch: dict, device: torch.device, non_blocking: bool = False) -> dict[str, torch.Tensor]:
     """Move an episode batch to ``device``; masks become float, support/query images stay float32."""
     missing = [key for key in REQUIRED_KEYS if key not in batch]
@@ -81,7 +86,7 @@ class EpisodicTrainer(SupervisedTrainer):
             accumulation_steps=accumulation_steps,
         )
         self.amp = amp
-        self.amp_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        self.amp_dtype = autocast_dtype(device)
         self.gradient_clip_norm = gradient_clip_norm
 
     def run(self) -> None:
@@ -190,7 +195,7 @@ class EpisodicEvaluator(SupervisedEvaluator):
             decollate=False,
         )
         self.amp = amp
-        self.amp_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        self.amp_dtype = autocast_dtype(device)
         self.patch_size = None if patch_size is None else tuple(patch_size)
         self.k_independence_cases = k_independence_cases
 

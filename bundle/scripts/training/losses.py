@@ -20,7 +20,7 @@ from torch import nn
 
 UNLABELLED_LOGIT = -100.0  # sigmoid 0 and target 0: no Dice, BCE, focal or false-positive contribution
 
-__all__ = ["EpisodicLoss", "DiceBCELoss", "FocalLoss", "DiceFocalLoss", "LOSSES", "build_loss"]
+__all__ = ["EpisodicLoss", "DiceTermLoss", "DiceBCELoss", "FocalLoss", "DiceFocalLoss", "LOSSES", "build_loss"]
 
 
 class EpisodicLoss(nn.Module):
@@ -104,13 +104,6 @@ def soft_dice(dice: DiceLoss, logits: torch.Tensor, target: torch.Tensor, empty_
     return torch.where(has_foreground, losses, predicted / (predicted + tau))
 
 
-def boundary_term(loss: DiceBCELoss | DiceFocalLoss, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``B x K`` weighted surface term of ``loss`` (0 when its ``boundary_weight`` is 0, without computing it)."""
-    if loss.boundary_weight == 0:
-        return logits.new_zeros(logits.shape[:2])
-    return loss.boundary_weight * loss.boundary(logits, target).flatten(1)
-
-
 def _check_non_negative(**values: float) -> None:
     """Rejects negative loss-term weights, naming the offending argument."""
     for name, value in values.items():
@@ -118,17 +111,13 @@ def _check_non_negative(**values: float) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}.")
 
 
-class DiceBCELoss(EpisodicLoss):
-    """Soft Dice + binary cross-entropy, per class channel.
-
-    Dice balances foreground against background for small structures; BCE gives a dense per-voxel gradient early in
-    training when Dice is flat.
+class DiceTermLoss(EpisodicLoss):
+    """Base of the losses with a soft Dice term (:func:`soft_dice`) and an optional surface term; subclasses add their
+    voxel-wise term in :meth:`per_entry`.
 
     Args:
         dice_weight: weight of the Dice term, ``>= 0``.
-        bce_weight: weight of the BCE term, ``>= 0``.
-        smooth_nr: constant added to the Dice numerator.
-        smooth_dr: constant added to the Dice denominator.
+        smooth_nr, smooth_dr: constants added to the Dice numerator and denominator.
         empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
             :func:`soft_dice`); a false object of that size costs half a Dice.
         boundary_weight: weight of MONAI's ``HausdorffDTLoss`` (a distance-transform surface term), ``>= 0``;
@@ -138,31 +127,47 @@ class DiceBCELoss(EpisodicLoss):
     def __init__(
         self,
         dice_weight: float = 1.0,
-        bce_weight: float = 1.0,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         empty_fraction: float = 0.01,
         boundary_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_non_negative(
-            dice_weight=dice_weight,
-            bce_weight=bce_weight,
-            empty_fraction=empty_fraction,
-            boundary_weight=boundary_weight,
-        )
+        _check_non_negative(dice_weight=dice_weight, empty_fraction=empty_fraction, boundary_weight=boundary_weight)
         self.dice_weight = float(dice_weight)
-        self.bce_weight = float(bce_weight)
         self.boundary_weight = float(boundary_weight)
+        self.empty_fraction = float(empty_fraction)
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
         self.boundary = HausdorffDTLoss(sigmoid=True, include_background=True, reduction="none")
-        self.empty_fraction = float(empty_fraction)
+
+    def dice_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``B x K`` weighted Dice plus the weighted surface term (not computed when its weight is 0)."""
+        loss = self.dice_weight * soft_dice(self.dice, logits, target, self.empty_fraction)
+        if self.boundary_weight == 0:
+            return loss
+        return loss + self.boundary_weight * self.boundary(logits, target).flatten(1)
+
+
+class DiceBCELoss(DiceTermLoss):
+    """Soft Dice + binary cross-entropy, per class channel.
+
+    Dice balances foreground against background for small structures; BCE gives a dense per-voxel gradient early in
+    training when Dice is flat.
+
+    Args:
+        bce_weight: weight of the BCE term, ``>= 0``.
+        dice_weight, smooth_nr, smooth_dr, empty_fraction, boundary_weight: see :class:`DiceTermLoss`.
+    """
+
+    def __init__(self, bce_weight: float = 1.0, **dice_options: float) -> None:
+        super().__init__(**dice_options)
+        _check_non_negative(bce_weight=bce_weight)
+        self.bce_weight = float(bce_weight)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Returns ``B x K`` weighted Dice + voxel-mean BCE (+ boundary term)."""
-        dice = soft_dice(self.dice, logits, target, self.empty_fraction)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(dim=2)
-        return self.dice_weight * dice + self.bce_weight * bce + boundary_term(self, logits, target)
+        return self.dice_terms(logits, target) + self.bce_weight * bce
 
 
 class FocalLoss(EpisodicLoss):
@@ -188,52 +193,25 @@ class FocalLoss(EpisodicLoss):
         return self.focal(logits, target).flatten(2).mean(dim=2)
 
 
-class DiceFocalLoss(EpisodicLoss):
+class DiceFocalLoss(DiceTermLoss):
     """Soft Dice + sigmoid focal loss, per class channel; see :class:`DiceBCELoss` and :class:`FocalLoss`.
 
     Args:
-        dice_weight: weight of the Dice term, ``>= 0``.
         focal_weight: weight of the focal term, ``>= 0``.
         alpha: focal weight of foreground voxels, in ``[0, 1]``.
         gamma: focal focusing exponent, ``>= 0``.
-        smooth_nr: constant added to the Dice numerator.
-        smooth_dr: constant added to the Dice denominator.
-        empty_fraction: smoothing of the Dice of an empty target, as a fraction of the patch's voxels (see
-            :func:`soft_dice`); a false object of that size costs half a Dice.
-        boundary_weight: weight of the surface term; see :class:`DiceBCELoss`.
+        dice_weight, smooth_nr, smooth_dr, empty_fraction, boundary_weight: see :class:`DiceTermLoss`.
     """
 
-    def __init__(
-        self,
-        dice_weight: float = 1.0,
-        focal_weight: float = 1.0,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        empty_fraction: float = 0.01,
-        boundary_weight: float = 0.0,
-    ) -> None:
-        super().__init__()
-        _check_non_negative(
-            dice_weight=dice_weight,
-            focal_weight=focal_weight,
-            empty_fraction=empty_fraction,
-            boundary_weight=boundary_weight,
-        )
-        self.dice_weight = float(dice_weight)
+    def __init__(self, focal_weight: float = 1.0, alpha: float = 0.25, gamma: float = 2.0, **dice_options: float):
+        super().__init__(**dice_options)
+        _check_non_negative(focal_weight=focal_weight)
         self.focal_weight = float(focal_weight)
-        self.boundary_weight = float(boundary_weight)
-        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
-        self.boundary = HausdorffDTLoss(sigmoid=True, include_background=True, reduction="none")
-        self.empty_fraction = float(empty_fraction)
         self.focal = FocalLoss(alpha=alpha, gamma=gamma)
 
     def per_entry(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Returns ``B x K`` weighted Dice + voxel-mean focal losses (+ boundary term)."""
-        dice = soft_dice(self.dice, logits, target, self.empty_fraction)
-        focal = self.focal.per_entry(logits, target)
-        return self.dice_weight * dice + self.focal_weight * focal + boundary_term(self, logits, target)
+        return self.dice_terms(logits, target) + self.focal_weight * self.focal.per_entry(logits, target)
 
 
 LOSSES: dict[str, type[EpisodicLoss]] = {"dice_bce": DiceBCELoss, "focal": FocalLoss, "dice_focal": DiceFocalLoss}
