@@ -20,6 +20,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.data.demo_data import HELD_OUT_LABELS
+from scripts.errors import user_error
 from scripts.networks import build_iris_net
 from scripts.training.model_settings import bundle_version, read_model_settings
 
@@ -67,6 +68,28 @@ def test_handlers_are_switched_off_by_name(demo_dataset: Path, tmp_path: Path) -
     reduced_validate = [type(h).__name__ for h in reduced.parser.get_parsed_content("validate#handlers")]
     assert set(validate) - set(reduced_validate) == {"TensorBoardStatsHandler"}
     assert reduced.check_properties() == []
+
+
+def test_lowercase_switches_on_the_command_line_are_refused_before_work(demo_dataset: Path, tmp_path: Path) -> None:
+    """fire reads `--resume false` as the text "false", which Python counts as on: refused, naming id and fix."""
+    options = {"dataset_dir": str(demo_dataset.parent), "output_dir": str(tmp_path / "logs"), "cache": "disk"}
+    options["cache_dir"] = str(tmp_path / "cache")
+    workflow = _workflow(
+        "train.json",
+        "demo.json",
+        **options,
+        ckpt_dir=str(tmp_path / "models"),
+        resume="false",
+        amp=1,
+        total_iterations=1,
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    message = str(user_error(raised.value))
+    assert "--resume got 'false', write --resume False" in message and "--amp got 1" in message
+    assert "channels_last" not in message
+    assert not any(tmp_path.iterdir())  # no log, checkpoint or disk cache: nothing ran
 
 
 def test_metadata_follows_the_zoo_schema() -> None:

@@ -63,8 +63,11 @@ def workspace(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @contextmanager
 def running_server(app: Path, studies: Path, conf: dict[str, str], log_path: Path) -> Iterator[dict]:
-    """``monailabel start_server`` on a free loopback port, offline; stopped with its children on exit."""
+    """``monailabel start_server`` on a free loopback port, offline, with its own temporary folder (``tmp``, next to
+    the log); stopped with its children on exit."""
     port = free_port()
+    tmp = log_path.parent / "server_tmp"
+    tmp.mkdir(exist_ok=True)
     command = [
         sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
         "--host", "127.0.0.1", "--port", str(port),
@@ -73,7 +76,8 @@ def running_server(app: Path, studies: Path, conf: dict[str, str], log_path: Pat
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             while time.perf_counter() - started < START_TIMEOUT_S:
                 assert process.poll() is None, log_path.read_text()[-4000:]
@@ -84,7 +88,7 @@ def running_server(app: Path, studies: Path, conf: dict[str, str], log_path: Pat
                     time.sleep(1)
             else:
                 pytest.fail(f"MONAI Label did not start in {START_TIMEOUT_S} s")
-            yield {"url": url, "start_s": time.perf_counter() - started, "log": log_path}
+            yield {"url": url, "start_s": time.perf_counter() - started, "log": log_path, "tmp": tmp}
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
@@ -144,6 +148,13 @@ def test_label_one_segment_the_rest(server: dict, workspace: dict, tmp_path: Pat
     assert result.shape == nib.load(workspace["studies"] / "case2.nii.gz").shape
     found = set(np.unique(result).tolist()) - {0}
     assert found and found <= set(workspace["names"].values())  # the labelled classes, and only they
+
+    # every request cleans up after itself: the run folders at once, each sent label map soon after (by MONAI Label)
+    assert not list(server["tmp"].glob("iris_infer_*"))
+    deadline = time.perf_counter() + 10
+    while list(server["tmp"].glob("iris_*")) and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    assert not list(server["tmp"].glob("iris_*"))
     print(f"server start {server['start_s']:.1f} s, /infer retrieval latency {latency:.2f} s")
 
 

@@ -66,6 +66,24 @@ def test_episodes_never_show_held_out_classes_and_supports_are_not_empty(pool: D
         assert (shown[0] > 0).all() and (shown > 0).float().mean() > 0.9  # each patch shows its class
 
 
+def test_held_out_voxels_are_background_or_unlabelled(pool: DatasetPool) -> None:
+    """The same episodes either way; only the mask of voxels the loss leaves out differs."""
+    options = {"length": 30, "patch_size": PATCH, "max_classes": 4, "seed": 3}
+    background = EpisodeDataset(pool, **options, held_out_voxels="background")
+    unlabelled = EpisodeDataset(pool, **options)  # the default
+    marked = 0
+    for index in range(len(background)):
+        item, masked = background[index], unlabelled[index]
+        assert torch.equal(item["query_image"], masked["query_image"])
+        assert torch.equal(item["query_mask"], masked["query_mask"])
+        assert not item["query_unlabelled"].any()
+        assert not (masked["query_mask"].bool() & masked["query_unlabelled"]).any()  # never a requested class
+        marked += int(masked["query_unlabelled"].sum())
+    assert marked > 0  # the queries do hold held-out structures
+    with pytest.raises(ValueError, match="held_out_voxels"):
+        EpisodeDataset(pool, **options, held_out_voxels="ignore")
+
+
 def test_episodes_cannot_be_solved_without_the_reference(pool: DatasetPool) -> None:
     """Requested classes absent from the query and several classes per episode."""
     dataset = EpisodeDataset(pool, length=60, patch_size=PATCH, max_classes=4, seed=2)

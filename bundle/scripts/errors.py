@@ -43,3 +43,27 @@ def install() -> None:
     """Print user errors in short for the rest of this process (idempotent)."""
     if sys.excepthook is not _excepthook:
         sys.excepthook = _excepthook
+
+
+def require_switches(**switches: object) -> dict[str, bool]:
+    """Refuse an on/off id whose value is not a bool, before any work starts; return the switches.
+
+    MONAI's command line (python-fire) reads ``--resume False`` as a bool but ``--resume false`` as the text
+    ``"false"``, which Python counts as on: the run would resume, or crash far into it (``--amp false``).
+    """
+    wrong = {name: value for name, value in switches.items() if not isinstance(value, bool)}
+    if wrong:
+        problems = "; ".join(
+            f"--{name} got {value!r}"
+            + (f", write --{name} {value.strip().capitalize()}" if _is_bool_text(value) else "")
+            for name, value in wrong.items()
+        )
+        raise IrisInputError(
+            f"On/off ids take True or False: {problems}. MONAI's command line reads lowercase true/false as text, "
+            "and any text counts as on."
+        )
+    return dict(switches)  # type: ignore[arg-type]
+
+
+def _is_bool_text(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("true", "false")

@@ -22,6 +22,7 @@ from .pool import DatasetPool, DatasetPoolError, Subject
 from .transforms import episode_augmentation, is_single_slice
 
 QUERY_CROPS = ("anchor", "other_class", "random")
+HELD_OUT_VOXELS = ("background", "unlabelled")
 
 
 class EpisodeDataset(Dataset):
@@ -35,8 +36,8 @@ class EpisodeDataset(Dataset):
     extra class is dropped with ``random_class_drop_prob``. So "segment the object in the middle" or "segment every
     object" cannot lower the loss; reading the reference can. Every requested class gets its own support patch,
     centred on it, in each support subject, as references are cropped at inference. Support and query patches are
-    augmented independently and the query is perturbed with Gaussian noise. Held-out classes are never requested, and
-    their voxels in the query are ``query_unlabelled``: neither foreground nor background of any class.
+    augmented independently and the query is perturbed with Gaussian noise. Held-out classes are never requested; their
+    voxels in the query are background of every requested class, or ``query_unlabelled`` (see ``held_out_voxels``).
 
     Items (``K = max_classes``, ``S = k_shot``, ``P = patch size``):
         ``support_image`` K x S x 1 x P, ``support_mask`` K x S x 1 x P (uint8, class k in its own patches),
@@ -65,6 +66,9 @@ class EpisodeDataset(Dataset):
             in the volume, as a sliding window sees it). None weighs them equally.
         curriculum_iterations: iterations over which episodes go from easy to as hard as the options above make
             them (see :meth:`difficulty`); 0 turns the curriculum off.
+        held_out_voxels: what the query's voxels of held-out classes are to the requested classes: ``"background"``
+            (they are not any of them, as unlabelled structures are in real label maps) or ``"unlabelled"`` (masked
+            out of the loss: ``query_unlabelled`` marks them).
     """
 
     def __init__(
@@ -83,7 +87,10 @@ class EpisodeDataset(Dataset):
         episodes_per_iteration: int = 1,
         query_crop: Mapping[str, float] | None = None,
         curriculum_iterations: int = 0,
+        held_out_voxels: str = "unlabelled",
     ) -> None:
+        if held_out_voxels not in HELD_OUT_VOXELS:
+            raise ValueError(f"held_out_voxels must be one of {list(HELD_OUT_VOXELS)}, got {held_out_voxels!r}.")
         if k_shot < 1 or max_classes < 1 or length < 1 or episodes_per_iteration < 1:
             raise ValueError(
                 f"k_shot, max_classes_per_episode, episodes_per_iteration and the episode count (total_iterations x "
@@ -105,6 +112,7 @@ class EpisodeDataset(Dataset):
         if curriculum_iterations < 0:
             raise ValueError(f"curriculum_iterations must be >= 0, got {curriculum_iterations}.")
         self.curriculum_iterations = curriculum_iterations
+        self.held_out_voxels = held_out_voxels
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
         self.augment_2d = episode_augmentation(self.patch_size[:2], **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
@@ -273,8 +281,10 @@ class EpisodeDataset(Dataset):
         info = self.pool.datasets[dataset]
         class_ids = torch.full((self.max_classes,), -1, dtype=torch.long)
         class_ids[: len(values)] = torch.tensor([names.index(info.class_name(v)) for v in values])
-        held_out = [v for v in info.labels if self.pool.is_held_out(dataset, v)]
-        query_unlabelled = torch.isin(query_label, torch.tensor(held_out, dtype=query_label.dtype))
+        unlabelled = [v for v in info.labels if self.pool.is_held_out(dataset, v)]
+        if self.held_out_voxels == "background":
+            unlabelled = []
+        query_unlabelled = torch.isin(query_label, torch.tensor(unlabelled, dtype=query_label.dtype))
         query_image = query_image + self.query_noise_std * torch.from_numpy(
             rng.standard_normal(query_image.shape, dtype=np.float32)
         )

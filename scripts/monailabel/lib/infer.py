@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -86,26 +88,36 @@ class IrisInfer(InferTask):
             dataset_labels = self.settings.model_settings().get("dataset_labels", {})
             label_names = resolve_classes(memory_classes, "memory", dataset_labels=dataset_labels)
 
-        output_dir = Path(tempfile.mkdtemp(prefix="iris_infer_"))
-        self.settings.run(
-            "inference.json",
-            "infer",
-            ckpt_path=str(checkpoint),
-            query_images=[image],
-            strategy=strategy,
-            output_dir=str(output_dir),
-            save_previews=False,
-            **task,
-        )
-        results = sorted(output_dir.glob("*_seg.*"))
-        if not results:
-            raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, f"IRIS wrote no label map for {image}.")
+        with tempfile.TemporaryDirectory(prefix="iris_infer_") as output_dir:
+            self.settings.run(
+                "inference.json",
+                "infer",
+                ckpt_path=str(checkpoint),
+                query_images=[image],
+                strategy=strategy,
+                output_dir=output_dir,
+                save_previews=False,
+                **task,
+            )
+            result = self._keep_label_map(Path(output_dir), image)
         latency = time.perf_counter() - start
         logger.info(f"IRIS {strategy} on {image}: {len(label_names)} classes in {latency:.2f} s")
-        return str(results[0]), {
+        return result, {
             "strategy": strategy,
             "references": references.images,
             "label_names": label_names,
             "checkpoint": str(checkpoint),
             "latency": round(latency, 3),
         }
+
+    @staticmethod
+    def _keep_label_map(output_dir: Path, image: str) -> str:
+        """Move the label map out of the run's folder into a file of its own, which MONAI Label deletes once sent;
+        the folder (and the run's summary) goes with the ``TemporaryDirectory``."""
+        results = sorted(output_dir.glob("*_seg.*"))
+        if not results:
+            raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, f"IRIS wrote no label map for {image}.")
+        handle, kept = tempfile.mkstemp(prefix="iris_", suffix=results[0].name.rsplit("_seg", 1)[1])
+        os.close(handle)
+        shutil.move(results[0], kept)
+        return kept
