@@ -22,6 +22,7 @@ from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
 from scripts.inference.inferers import InContextInferer
 from scripts.inference.support import SupportSetError, load_references
+from scripts.inference.task_embeddings import tuning_patches
 from scripts.inference.task_setup import resolve_classes
 from scripts.networks import build_iris_net
 from scripts.training.model_settings import training_settings
@@ -30,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 3, "channel_multipliers": [1, 2, 4, 8]}
 CLASSES = {"sphere": 1, "box": 3}
+PATCH = (32, 32, 32)
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +321,28 @@ def test_broken_headers_and_short_data_are_found_before_loading(demo: dict, tmp_
     label = str(tmp_path / "short.nii.gz")  # a broken reference label is named before any reference is loaded
     with pytest.raises(SupportSetError, match=f"Unreadable support files: {label}: NIfTI data cut short"):
         load_references(demo["support_images"][:1], [label], CLASSES)
+
+
+def test_tuning_supervises_every_class_a_reference_labels(demo: dict, tmp_path: Path) -> None:
+    """Each reference patch is a target for every class its label map holds (negatives included), and for no other."""
+    first, partial = (nib.load(path) for path in demo["support_labels"])
+    values = np.asarray(partial.dataobj).copy()
+    both = sorted(set(np.unique(values).tolist()) & set(np.unique(np.asarray(first.dataobj)).tolist()) - {0})
+    classes = {"a": both[0], "b": both[1]}
+    values[values == classes["b"]] = 0  # the second reference does not label "b"
+    nib.save(nib.Nifti1Image(values, partial.affine, partial.header), tmp_path / "partial.nii.gz")
+    label_files = [demo["support_labels"][0], str(tmp_path / "partial.nii.gz")]
+    references = load_references(demo["support_images"], label_files, classes)
+    labels = list(classes.values())
+    per_class = [[r for r in references if value in r.subject.foreground] for value in labels]
+    assert [len(r) for r in per_class] == [2, 1]
+    images, masks, labelled = tuning_patches(per_class, labels, PATCH)
+    assert images.shape == (3, 1, *PATCH) and masks.shape == (3, 2, *PATCH)
+    assert labelled.tolist() == [[True, True], [True, False], [True, True]]  # a: both references; b: the first
+    for n, (k, reference) in enumerate([(0, references[0]), (0, references[1]), (1, references[0])]):
+        image, own = reference.patch(labels[k], PATCH)
+        assert torch.equal(images[n], image) and torch.equal(masks[n, k], own[0].float())
+    assert masks[0, 1].sum() < masks[2, 1].sum()  # b on a's patch: a partial or empty target
 
 
 def test_query_files_expand_folders_and_globs(demo: dict, tmp_path: Path) -> None:

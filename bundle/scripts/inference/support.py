@@ -33,6 +33,15 @@ class Reference:
         image, label = crop_around(self.subject, bounding_box_centre(self.subject.foreground[value]), patch_size)
         return image, binary_masks(label, [value], 1)
 
+    def labelled_patch(
+        self, value: int, values: Sequence[int], patch_size: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The patch of :meth:`patch` with the mask of every class in ``values`` (K x P) and which of them this
+        reference labels (K, bool): a class it labels is known everywhere in it, present in the patch or not."""
+        image, label = crop_around(self.subject, bounding_box_centre(self.subject.foreground[value]), patch_size)
+        labelled = torch.tensor([v in self.subject.foreground for v in values])
+        return image, binary_masks(label, values, len(values)), labelled
+
 
 def preprocessing(
     modality: str,

@@ -98,15 +98,16 @@ def retrieve(
 def tuning_patches(
     references_per_class: Sequence[Sequence[Reference]], values: Sequence[int], patch_size: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every reference patch of every class: images N x 1 x P, masks N x P and the class index of each patch (N)."""
-    images, masks, classes = [], [], []
-    for index, (references, value) in enumerate(zip(references_per_class, values)):
+    """Every reference patch of every class: images N x 1 x P, the masks of all K classes on each patch N x K x P, and
+    which classes each patch's reference labels (N x K): the targets of in-context tuning."""
+    images, masks, labelled = [], [], []
+    for references, value in zip(references_per_class, values):
         for reference in references:
-            image, mask = reference.patch(value, patch_size)
+            image, mask, known = reference.labelled_patch(value, values, patch_size)
             images.append(image)
-            masks.append(mask[0].float())
-            classes.append(index)
-    return torch.stack(images), torch.stack(masks), torch.tensor(classes)
+            masks.append(mask.float())
+            labelled.append(known)
+    return torch.stack(images), torch.stack(masks), torch.stack(labelled)
 
 
 def tune(
@@ -117,9 +118,11 @@ def tune(
     lr: float = 1e-3,
     on_step: Callable[[int, float], None] | None = None,
 ) -> torch.Tensor:
-    """In-context tuning: optimise only the task embeddings (Adam) to segment the references' own patches.
+    """In-context tuning: optimise only the task embeddings (Adam) to segment the references as they are labelled.
 
-    The network is frozen (no parameter receives a gradient); each reference patch supervises only its own class.
+    The network is frozen (no parameter receives a gradient). Every class is supervised on every reference patch
+    whose reference labels it: segment it where it is, nothing where it is not, so a class's embedding also learns to
+    leave the neighbouring structures of the other patches alone. Classes a reference does not label are left out.
 
     Args:
         initial: 1 x K x T x C starting embeddings (usually the ensemble).
@@ -127,9 +130,7 @@ def tune(
         on_step: called with ``(step, loss)`` after every step, e.g. to log the support loss.
     """
     device = _device(network)
-    images, masks, classes = (t.to(device) for t in patches)  # N x 1 x P, N x P, N
-    own_class = F.one_hot(classes, initial.shape[1]).bool()  # N x K
-    target = masks[:, None] * own_class[(...,) + (None,) * (masks.dim() - 1)]  # N x K x P, only its class supervised
+    images, target, labelled = (t.to(device) for t in patches)  # N x 1 x P, N x K x P, N x K
     embeddings = initial.detach().clone().to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([embeddings], lr=lr)
     loss_fn = DiceBCELoss()
@@ -142,7 +143,7 @@ def tune(
             optimizer.zero_grad()
             with torch.enable_grad():
                 logits = network(images, embeddings.expand(images.shape[0], -1, -1, -1))
-                loss = loss_fn(logits, target, own_class)
+                loss = loss_fn(logits, target, labelled)
                 loss.backward()
             optimizer.step()
             if on_step is not None:
