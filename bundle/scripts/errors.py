@@ -62,7 +62,7 @@ def require_switches(**switches: object) -> dict[str, bool]:
             f"On/off ids take True or False: {problems}. MONAI's command line reads lowercase true/false as text, "
             "and any text counts as on."
         )
-    return dict(switches)  # type: ignore[arg-type]
+    return {name: bool(value) for name, value in switches.items()}
 
 
 def _is_bool_text(value: object) -> bool:
