@@ -281,9 +281,9 @@ class EpisodeDataset(Dataset):
         info = self.pool.datasets[dataset]
         class_ids = torch.full((self.max_classes,), -1, dtype=torch.long)
         class_ids[: len(values)] = torch.tensor([names.index(info.class_name(v)) for v in values])
-        unlabelled = [v for v in info.labels if self.pool.is_held_out(dataset, v)]
-        if self.held_out_voxels == "background":
-            unlabelled = []
+        unlabelled = [
+            v for v in info.labels if self.held_out_voxels == "unlabelled" and self.pool.is_held_out(dataset, v)
+        ]
         query_unlabelled = torch.isin(query_label, torch.tensor(unlabelled, dtype=query_label.dtype))
         query_image = query_image + self.query_noise_std * torch.from_numpy(
             rng.standard_normal(query_image.shape, dtype=np.float32)

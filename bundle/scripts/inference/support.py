@@ -30,7 +30,7 @@ class Reference:
 
     def patch(self, value: int, patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (1 x P) and binary mask (1 x P) of class ``value``, centred on the class's bounding box."""
-        image, label = crop_around(self.subject, bounding_box_centre(self.subject.foreground[value]), patch_size)
+        image, label = self._crop(value, patch_size)
         return image, binary_masks(label, [value], 1)
 
     def labelled_patch(
@@ -38,9 +38,12 @@ class Reference:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The patch of :meth:`patch` with the mask of every class in ``values`` (K x P) and which of them this
         reference labels (K, bool): a class it labels is known everywhere in it, present in the patch or not."""
-        image, label = crop_around(self.subject, bounding_box_centre(self.subject.foreground[value]), patch_size)
-        labelled = torch.tensor([v in self.subject.foreground for v in values])
-        return image, binary_masks(label, values, len(values)), labelled
+        image, label = self._crop(value, patch_size)
+        labelled = self.subject.classes
+        return image, binary_masks(label, values, len(values)), torch.tensor([v in labelled for v in values])
+
+    def _crop(self, value: int, patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return crop_around(self.subject, bounding_box_centre(self.subject.foreground[value]), patch_size)
 
 
 def preprocessing(

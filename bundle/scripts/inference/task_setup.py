@@ -172,6 +172,10 @@ class TaskSetupHandler:
     def __call__(self, engine: Engine) -> None:
         self.check()
         network = unwrap(self.network)
+        strategy = get_strategy(self.strategy)
+        if strategy.needs_references and not self.support_images:
+            self.inferer.set_task(self._loaded(network))
+            return
         names = list(self.classes)
         task = TaskInputs(
             network,
@@ -182,10 +186,6 @@ class TaskSetupHandler:
             tuning_lr=self.tuning_lr,
             retrieval_top_k=self.retrieval_top_k,
         )
-        strategy = get_strategy(self.strategy)
-        if strategy.needs_references and not self.support_images:
-            self.inferer.set_task(self._loaded(network))
-            return
         if strategy.needs_references:
             references = load_references(
                 self.support_images,
