@@ -123,6 +123,9 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     reference_following = ["val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "val_absent_class_fp"]
     final_line = next(line for line in logs.splitlines() if "Final 1-shot validation after 4 iterations" in line)
     assert all(name in final_line for name in [*reference_following, "k_independence"])
+    label_map = ["val_label_map_seen_dice", "val_label_map_held_out_dice", "val_label_map_absent_class_fp"]
+    label_map_line = next(line for line in logs.splitlines() if "As one label map of every requested class" in line)
+    assert all(name in label_map_line for name in label_map) and not any(name in final_line for name in label_map)
     rules_line = next(line for line in logs.splitlines() if "Trivial rules on the same cases:" in line)
     assert all(
         f"{rule}_rule_{group}_dice" in rules_line
@@ -133,7 +136,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     report = json.loads((output_dir / "validation_report.json").read_text())
     assert report["iteration"] == 4
     controls = {f"{rule}_rule_{group}_dice" for rule in ("intensity", "position") for group in ("seen", "held_out")}
-    assert set(report["mean"]) == {*reference_following, "k_independence", *controls}
+    assert set(report["mean"]) == {*reference_following, "k_independence", *label_map, *controls}
     held_out = report["per_class"]["val_held_out_dice"]
     assert held_out and all(name.split("/")[1] in HELD_OUT_LABELS for name in held_out)
     assert not set(report["per_class"]["val_seen_dice"]) & set(held_out)

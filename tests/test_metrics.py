@@ -10,7 +10,13 @@ import torch
 from ignite.engine import Engine
 
 from scripts.data.controls import control_dice, intensity_rule, position_rule
-from scripts.training.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
+from scripts.training.metrics import (
+    AbsentClassFalsePositives,
+    ClassGroupDice,
+    KIndependence,
+    WrongReferenceDice,
+    binary_predictions,
+)
 
 NAMES = ["demo/a", "demo/b", "demo/c"]
 
@@ -41,11 +47,11 @@ def _case() -> dict[str, torch.Tensor]:
     }
 
 
-def _run(metrics: dict) -> dict[str, float]:
+def _run(metrics: dict, case: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     engine = Engine(lambda engine, batch: batch)
     for name, metric in metrics.items():
         metric.attach(engine, name)
-    engine.run([_case()])
+    engine.run([_case() if case is None else case])
     return engine.state.metrics
 
 
@@ -71,6 +77,29 @@ def test_a_model_that_ignores_its_reference_scores_its_dice_as_wrong_reference_d
 def test_absent_class_false_positives_are_a_fraction_of_the_class_volume() -> None:
     scores = _run({"fp": AbsentClassFalsePositives(NAMES, {"demo/a": 400.0, "demo/b": 400.0, "demo/c": 500.0})})
     assert scores["fp"] == pytest.approx(50 / 500)
+
+
+def test_label_map_scores_give_each_voxel_to_its_most_likely_requested_class() -> None:
+    case = _case()
+    logits = case["pred"]
+    logits[0, 1] = torch.where(logits[0, 1] > 0, 3.0, -5.0)  # b claims x 2-3 of a, less surely than a does
+    logits[0, 2, 0, :5, :] = 2.0  # c's reference also marks 50 voxels of a, less surely than a
+    volumes = {"demo/a": 400.0, "demo/b": 400.0, "demo/c": 500.0}
+    metrics = {
+        "dice": ClassGroupDice(NAMES, group="all"),
+        "fp": AbsentClassFalsePositives(NAMES, volumes),
+        "map_dice": ClassGroupDice(NAMES, group="all", predictions="label_map"),
+        "map_fp": AbsentClassFalsePositives(NAMES, volumes, predictions="label_map"),
+    }
+    scores = _run(metrics, case)
+    assert scores["dice"] == pytest.approx(0.7) and scores["fp"] == pytest.approx(100 / 500)
+    # in the label map a keeps x 0-3 (Dice 1), b keeps x 4-7 (2*200 / (400 + 400) = 0.5), c keeps its 50 voxels at x 9
+    assert scores["map_dice"] == pytest.approx(0.75) and scores["map_fp"] == pytest.approx(50 / 500)
+    # a padded slot (class id -1) never wins a voxel, whatever its logits
+    padded = binary_predictions(logits, torch.tensor([[0, -1, 2]]), "label_map")
+    assert padded[0, 0].sum() == 400 and not padded[0, 1].any()
+    with pytest.raises(ValueError, match="predictions"):
+        ClassGroupDice(NAMES, predictions="argmax")
 
 
 def test_k_independence_is_the_largest_change_and_controls_are_grouped() -> None:

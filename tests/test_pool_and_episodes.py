@@ -84,6 +84,29 @@ def test_held_out_voxels_are_background_or_unlabelled(pool: DatasetPool) -> None
         EpisodeDataset(pool, **options, held_out_voxels="ignore")
 
 
+def test_similar_intensity_requests_absent_classes_that_a_threshold_cannot_tell_apart(pool: DatasetPool) -> None:
+    """Hard negatives: the absent classes requested are closer in intensity to the query's structures than at random,
+    and the rest of the episode is unchanged."""
+    options = {"length": 60, "patch_size": PATCH, "max_classes": 4, "seed": 5}
+    random = EpisodeDataset(pool, **options)
+    similar = EpisodeDataset(pool, **options, absent_class_choice="similar_intensity")
+    means = similar._intensities[0]
+    gaps: dict[str, list[float]] = {"random": [], "similar": []}
+    for index in range(len(random)):
+        for name, item in (("random", random[index]), ("similar", similar[index])):
+            valid = item["class_valid"]
+            ids = item["class_ids"][valid].tolist()
+            value = {pool.class_names.index(pool.datasets[0].class_name(v)): v for v in means}
+            present = [value[i] for i, mask in zip(ids, item["query_mask"][valid]) if mask.any()]
+            absent = [value[i] for i, mask in zip(ids, item["query_mask"][valid]) if not mask.any()]
+            gaps[name] += [min(abs(means[a] - means[p]) for p in present) for a in absent if present]
+        assert torch.equal(random[index]["query_image"], similar[index]["query_image"])
+    assert len(gaps["similar"]) > 20
+    assert np.mean(gaps["similar"]) < 0.7 * np.mean(gaps["random"])
+    with pytest.raises(ValueError, match="absent_class_choice"):
+        EpisodeDataset(pool, **options, absent_class_choice="hardest")
+
+
 def test_episodes_cannot_be_solved_without_the_reference(pool: DatasetPool) -> None:
     """Requested classes absent from the query and several classes per episode."""
     dataset = EpisodeDataset(pool, length=60, patch_size=PATCH, max_classes=4, seed=2)

@@ -23,6 +23,8 @@ from .transforms import episode_augmentation, is_single_slice
 
 QUERY_CROPS = ("anchor", "other_class", "random")
 HELD_OUT_VOXELS = ("background", "unlabelled")
+ABSENT_CLASS_CHOICES = ("random", "similar_intensity")
+INTENSITY_SUBJECTS = 8  # subjects per class whose foreground voxels give its typical intensity
 
 
 class EpisodeDataset(Dataset):
@@ -38,6 +40,9 @@ class EpisodeDataset(Dataset):
     centred on it, in each support subject, as references are cropped at inference. Support and query patches are
     augmented independently and the query is perturbed with Gaussian noise. Held-out classes are never requested; their
     voxels in the query are background of every requested class, or ``query_unlabelled`` (see ``held_out_voxels``).
+    Absent classes are drawn at random or, as hard negatives, those closest in intensity to a structure of the query
+    patch first (``absent_class_choice``): an intensity threshold then cannot tell the answer, the reference's texture
+    and shape can.
 
     Items (``K = max_classes``, ``S = k_shot``, ``P = patch size``):
         ``support_image`` K x S x 1 x P, ``support_mask`` K x S x 1 x P (uint8, class k in its own patches),
@@ -69,6 +74,9 @@ class EpisodeDataset(Dataset):
         held_out_voxels: what the query's voxels of held-out classes are to the requested classes: ``"background"``
             (they are not any of them, as unlabelled structures are in real label maps) or ``"unlabelled"`` (masked
             out of the loss: ``query_unlabelled`` marks them).
+        absent_class_choice: which absent classes an episode requests when it has room for some: ``"random"`` ones or
+            ``"similar_intensity"`` ones first, ranked by how close their typical intensity (mean over the foreground
+            of up to ``INTENSITY_SUBJECTS`` subjects) is to that of a trainable structure in the query patch.
     """
 
     def __init__(
@@ -88,9 +96,14 @@ class EpisodeDataset(Dataset):
         query_crop: Mapping[str, float] | None = None,
         curriculum_iterations: int = 0,
         held_out_voxels: str = "unlabelled",
+        absent_class_choice: str = "random",
     ) -> None:
         if held_out_voxels not in HELD_OUT_VOXELS:
             raise ValueError(f"held_out_voxels must be one of {list(HELD_OUT_VOXELS)}, got {held_out_voxels!r}.")
+        if absent_class_choice not in ABSENT_CLASS_CHOICES:
+            raise ValueError(
+                f"absent_class_choice must be one of {list(ABSENT_CLASS_CHOICES)}, got {absent_class_choice!r}."
+            )
         if k_shot < 1 or max_classes < 1 or length < 1 or episodes_per_iteration < 1:
             raise ValueError(
                 f"k_shot, max_classes_per_episode, episodes_per_iteration and the episode count (total_iterations x "
@@ -122,6 +135,7 @@ class EpisodeDataset(Dataset):
             {value: means[info.class_name(value)] for value in holders} if means else {}
             for info, holders in zip(pool.datasets, self._holders)
         ]
+        self._intensities = self._class_intensities() if absent_class_choice == "similar_intensity" else None
 
     @staticmethod
     def _crop_weights(weights: Mapping[str, float] | None) -> np.ndarray:
@@ -150,6 +164,23 @@ class EpisodeDataset(Dataset):
                 "(self_support=true lets a subject support itself)."
             )
         return usable
+
+    def _class_intensities(self) -> list[dict[int, float]]:
+        """Per dataset: trainable class value -> mean intensity (first channel) over its sampled foreground voxels in
+        up to ``INTENSITY_SUBJECTS`` of its subjects. Computed once; the images are normalised per dataset, so the
+        values of one dataset compare."""
+        intensities: list[dict[int, float]] = []
+        for holders in self._holders:
+            means = {}
+            for value, subjects in holders.items():
+                samples = []
+                for index in subjects[:INTENSITY_SUBJECTS]:
+                    subject = self.pool.subjects[index]
+                    coords = torch.from_numpy(subject.foreground[value]).long()
+                    samples.append(subject.image[0][coords[:, 0], coords[:, 1], coords[:, 2]].float().mean().item())
+                means[value] = float(np.mean(samples))
+            intensities.append(means)
+        return intensities
 
     def _dataset_weights(self, weights: Sequence[float] | None) -> np.ndarray:
         sizes = np.array([sum(1 for s in self.pool.subjects if s.dataset == d) for d in range(len(self.pool.datasets))])
@@ -241,14 +272,21 @@ class EpisodeDataset(Dataset):
         candidates: Sequence[int],
         in_query: set[int],
         difficulty: float = 1.0,
+        dataset: int = 0,
     ) -> list[int]:
         """The anchor, then up to ``max_classes - 1`` others: first classes the query patch holds (distractors that
-        must be told apart), then absent ones (empty targets); each extra class dropped with ``drop_prob``. Easier
-        episodes (see :meth:`difficulty`) request fewer classes and fewer absent ones."""
+        must be told apart), then absent ones (empty targets, ordered by ``absent_class_choice``); each extra class
+        dropped with ``drop_prob``. Easier episodes (see :meth:`difficulty`) request fewer classes and fewer absent
+        ones."""
         present = [value for value in candidates if value in in_query]
         absent = [value for value in candidates if value not in in_query]
         rng.shuffle(present)
         rng.shuffle(absent)
+        if self._intensities is not None:  # hard negatives first; the shuffle above breaks ties at random
+            means = self._intensities[dataset]
+            structures = [means[value] for value in in_query if value in means]
+            if structures:
+                absent.sort(key=lambda value: min(abs(means[value] - mean) for mean in structures))
         extra = self.max_classes - 1
         if difficulty < 1.0:
             extra = int(round(difficulty * extra))
@@ -273,7 +311,7 @@ class EpisodeDataset(Dataset):
         query_image, query_label = self._crop(query, self._query_centre(rng, query, anchor, difficulty))
         shared = set.intersection(*(subject.classes for subject in supports)) - {anchor}
         candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
-        values = self._choose_classes(rng, anchor, candidates, self._present(query_label), difficulty)
+        values = self._choose_classes(rng, anchor, candidates, self._present(query_label), difficulty, dataset)
         # every class gets a patch centred on it in every support subject, as inference crops references
         references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
 

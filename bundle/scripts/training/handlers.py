@@ -268,7 +268,7 @@ class ValidationReport:
     """At the end of training, make sure the final model was validated and report its reference-following metrics.
 
     Runs the evaluator once more unless the last iteration already triggered a validation, logs the model's metrics
-    on one line and the trivial rules' Dice on the same cases on another, and writes
+    on one line, its label-map scores on a second and the trivial rules' Dice on the same cases on a third, and writes
     ``<output_dir>/validation_report.json`` with every metric and the per-class scores.
 
     Args:
@@ -302,8 +302,12 @@ class ValidationReport:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "validation_report.json").write_text(json.dumps(report, indent=4))
         controls = {name for name, metric in groups.items() if metric.scores != "model"}
-        model = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name not in controls)
+        label_map = {name for name, metric in self.metrics.items() if getattr(metric, "predictions", "") == "label_map"}
+        model = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name not in controls | label_map)
         logger.info(f"Final 1-shot validation after {engine.state.iteration} iterations: {model}")
+        if label_map:
+            merged = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name in label_map)
+            logger.info(f"As one label map of every requested class, as inference writes it: {merged}")
         if controls:
             rules = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name in controls)
             logger.info(f"Trivial rules on the same cases: {rules}")

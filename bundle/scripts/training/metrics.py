@@ -12,6 +12,11 @@ object". So besides the per-group Dice (:class:`ClassGroupDice`), validation mea
 - :class:`ClassGroupDice` with ``scores="intensity_rule"`` / ``"position_rule"``: the trivial rules of
   :mod:`scripts.controls` on the same cases, to read the model's Dice against.
 
+The Dice and false-positive metrics score each class's own channel (``predictions="channels"``: logit > 0, as the
+class decodes alone) or the label map of all requested classes (``"label_map"``: each voxel goes to its most likely
+class if that one is above 0.5, as ``inference.json`` writes it), where a structure claimed by its own class's
+reference is no false positive of a similar one.
+
 Every metric reads the evaluator output of :class:`scripts.engines.EpisodicEvaluator` (``pred`` logits, ``label``
 masks, ``class_ids``, ``class_present``, ``control_dice``, ``k_dice_change``) and gathers its values over ranks.
 """
@@ -32,6 +37,25 @@ from ..distributed import gather_objects
 
 GROUPS = ("seen", "held_out", "all")
 SCORES = ("model", *CONTROLS)
+PREDICTIONS = ("channels", "label_map")
+
+
+def checked_predictions(predictions: str) -> str:
+    if predictions not in PREDICTIONS:
+        raise ValueError(f"predictions must be one of {PREDICTIONS}, got '{predictions}'.")
+    return predictions
+
+
+def binary_predictions(logits: torch.Tensor, class_ids: torch.Tensor, predictions: str = "channels") -> torch.Tensor:
+    """``B x K x spatial`` logits -> the voxels of each class: its channel above 0 (``"channels"``) or the voxels it
+    wins in the label map of the requested classes (``"label_map"``: highest logit among ``class_ids >= 0``, and
+    above 0, as :func:`scripts.data.transforms.label_map` decides)."""
+    positive = logits > 0
+    if checked_predictions(predictions) == "channels":
+        return positive
+    requested = (class_ids >= 0).view(*class_ids.shape, *([1] * (logits.ndim - 2))).to(logits.device)
+    winner = torch.where(requested, logits, -torch.inf).argmax(dim=1, keepdim=True)
+    return positive & torch.zeros_like(positive).scatter_(1, winner, True)
 
 
 def _gathered(values: list) -> list:
@@ -55,7 +79,7 @@ class ClassGroupDice(EvaluatorMetric):
 
     Classes are identified by ``class_ids`` in the engine output (indices into ``class_names``); a class counts as
     held-out when its name is in ``held_out``. Classes absent from the query (``class_present`` False) are scored by
-    :class:`AbsentClassFalsePositives` instead. Predictions are thresholded at ``sigmoid(logit) > 0.5``.
+    :class:`AbsentClassFalsePositives` instead.
 
     Args:
         class_names: global class names, ``dataset/label``.
@@ -63,15 +87,22 @@ class ClassGroupDice(EvaluatorMetric):
         group: ``"seen"``, ``"held_out"`` or ``"all"``.
         scores: ``"model"`` scores the predictions; ``"intensity_rule"`` / ``"position_rule"`` the trivial rules'
             Dice on the same cases (``control_dice`` of the output).
+        predictions: the model's voxels of a class, ``"channels"`` or ``"label_map"`` (see :func:`binary_predictions`).
     """
 
     def __init__(
-        self, class_names: Sequence[str], held_out: Sequence[str] = (), group: str = "seen", scores: str = "model"
+        self,
+        class_names: Sequence[str],
+        held_out: Sequence[str] = (),
+        group: str = "seen",
+        scores: str = "model",
+        predictions: str = "channels",
     ) -> None:
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got '{group}'.")
         if scores not in SCORES:
             raise ValueError(f"scores must be one of {SCORES}, got '{scores}'.")
+        self.predictions = checked_predictions(predictions)
         self.class_names = list(class_names)
         self.held_out = set(held_out)
         self.group = group
@@ -93,8 +124,8 @@ class ClassGroupDice(EvaluatorMetric):
     def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
         class_ids, present = output["class_ids"], output["class_present"]  # B x K each
         if self.scores == "model":
-            logits, label = output["pred"], output["label"]  # B x K x spatial each
-            dice = compute_dice((logits > 0).float(), label.float(), include_background=True, ignore_empty=False)
+            pred = binary_predictions(output["pred"], class_ids, self.predictions)  # B x K x spatial
+            dice = compute_dice(pred.float(), output["label"].float(), include_background=True, ignore_empty=False)
         elif output["control_dice"] is not None:
             dice = output["control_dice"][..., CONTROLS.index(self.scores)]  # B x K
         else:  # the validation cases carry no control scores
@@ -173,23 +204,28 @@ class AbsentClassFalsePositives(EvaluatorMetric):
     Args:
         class_names: global class names that ``class_ids`` index.
         mean_voxels: mean voxel count of each class (by name) where it is present, e.g. over the reference pool.
+        predictions: the model's voxels of a class, ``"channels"`` or ``"label_map"`` (see :func:`binary_predictions`).
     """
 
     required_output_keys = ("pred", "class_ids", "class_present")
 
-    def __init__(self, class_names: Sequence[str], mean_voxels: Mapping[str, float]) -> None:
+    def __init__(
+        self, class_names: Sequence[str], mean_voxels: Mapping[str, float], predictions: str = "channels"
+    ) -> None:
         self.class_names = list(class_names)
         self.mean_voxels = dict(mean_voxels)
+        self.predictions = checked_predictions(predictions)
         super().__init__()
 
     def reset(self) -> None:
         self._values: list[float] = []
 
     def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
-        for pred, ids, present in zip(output["pred"], output["class_ids"], output["class_present"]):
+        voxels = binary_predictions(output["pred"], output["class_ids"], self.predictions)
+        for pred, ids, present in zip(voxels, output["class_ids"], output["class_present"]):
             for k in (~present & (ids >= 0)).nonzero().flatten().tolist():
                 name = self.class_names[int(ids[k])]
-                self._values.append(absent_fraction(float((pred[k] > 0).sum()), name, self.mean_voxels))
+                self._values.append(absent_fraction(float(pred[k].sum()), name, self.mean_voxels))
 
     def compute(self) -> float:
         return mean_or_nan(_gathered(self._values))

@@ -127,7 +127,12 @@ def metric_summary(validations: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
     """Best and final value of every metric with their iterations; lower is better for the reference-following
     errors (wrong-reference Dice, absent-class false positives, k-dependence), higher for the others."""
     names = sorted({name for line in validations for name in line} - {"iteration", "learning_rate"})
-    lower_is_better = ("val_wrong_reference_dice", "val_absent_class_fp", "k_independence")
+    lower_is_better = (
+        "val_wrong_reference_dice",
+        "val_absent_class_fp",
+        "val_label_map_absent_class_fp",
+        "k_independence",
+    )
     summary = {}
     for name in names:
         points = [(line["iteration"], line[name]) for line in validations if math.isfinite(line.get(name, math.nan))]
