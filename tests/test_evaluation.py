@@ -84,18 +84,25 @@ def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Pa
                 expected = scored & held_out if group == "held_out" else scored - held_out
                 assert set(per_class) == (expected & set(seen) if strategy == "memory" else expected)
                 assert all(
-                    0.0 <= scores["dice"] <= 1.0 and 0.0 <= scores["nsd"] <= 1.0 for scores in per_class.values()
+                    0.0 <= scores[metric] <= 1.0
+                    for scores in per_class.values()
+                    for metric in ("dice", "label_map_dice", "nsd")
                 )
                 for metric in ("dice", "dice_std", "nsd", "nsd_std"):  # the group's scores: the mean over its classes
                     assert entry["mean"][metric] == pytest.approx(np.mean([c[metric] for c in per_class.values()]))
                 for name, scores in [*per_class.items(), ("mean", entry["mean"])]:  # the CSV holds the same numbers
                     row = rows[(group, strategy, k, name)]
-                    assert all(float(row[m]) == pytest.approx(scores[m], abs=1e-4) for m in ("dice", "dice_std", "nsd"))
+                    assert all(
+                        float(row[m]) == pytest.approx(scores[m], abs=1e-4)
+                        for m in ("dice", "dice_std", "label_map_dice", "nsd")
+                    )
     # one reference per class leaves ensemble and retrieval nothing to average or choose: the one-shot result
     for group in ("seen", "held_out"):
         assert metrics[group]["ensemble"]["1"] == metrics[group]["one_shot"]["1"] == metrics[group]["retrieval"]["1"]
     assert metrics["seen"]["memory"]["1"] == metrics["seen"]["memory"]["2"]  # no references: the same for every k
     following = metrics["reference_following"]
+    for by_k in following.values():  # the label map keeps a subset of each class's voxels
+        assert all(v["label_map_absent_class_fp"] <= v["absent_class_fp"] + 1e-9 for v in by_k.values())
     assert following["ensemble"]["1"] == following["one_shot"]["1"] == following["retrieval"]["1"]
     assert following["memory"]["1"] == following["memory"]["2"]
     for strategy, by_k in following.items():
@@ -131,7 +138,7 @@ def test_scores_are_averaged_over_subjects_draws_classes(demo_dataset: Path, tmp
     held_out = f"IrisDemo/{HELD_OUT_LABELS[0]}"
 
     def subjects(*dice: float) -> list[dict[str, float]]:
-        return [{"dice": value, "hd95": 10 * value, "nsd": value / 2} for value in dice]
+        return [{"dice": value, "label_map_dice": value, "hd95": 10 * value, "nsd": value / 2} for value in dice]
 
     records = Records()
     records.classes[("one_shot", 1, seen_a, 0)] = subjects(0.2, 0.4)  # two subjects in draw 0: 0.3
@@ -141,6 +148,7 @@ def test_scores_are_averaged_over_subjects_draws_classes(demo_dataset: Path, tmp
     records.classes[("one_shot", 1, held_out, 1)] = subjects(0.5)  # only draw 1 drew a subject that holds it
     records.wrong_reference[("one_shot", 1)] = [0.1, 0.2, 0.6]
     records.absent_fp[("one_shot", 1)] = [2.0, 4.0]
+    records.label_map_absent_fp[("one_shot", 1)] = [0.0, 1.0]
     records.controls[seen_a] = [[0.2, 0.4], [0.4, 0.8]]  # per subject: intensity rule, position rule
     records.controls[seen_b] = [[0.0, 0.2]]
     records.controls[held_out] = [[0.6, 0.0]]
@@ -150,15 +158,25 @@ def test_scores_are_averaged_over_subjects_draws_classes(demo_dataset: Path, tmp
     seen = results["seen"]["one_shot"]["1"]
     assert seen["per_class"][seen_a] == pytest.approx(
         {"dice": 0.6, "dice_std": 0.3, "hd95": 6.0, "hd95_std": 3.0, "nsd": 0.3, "nsd_std": 0.15}
+        | {"label_map_dice": 0.6, "label_map_dice_std": 0.3}
     )
     assert seen["mean"] == pytest.approx(
         {"dice": 0.35, "dice_std": 0.15, "hd95": 3.5, "hd95_std": 1.5, "nsd": 0.175, "nsd_std": 0.075}
+        | {"label_map_dice": 0.35, "label_map_dice_std": 0.15}
     )
     assert results["held_out"]["one_shot"]["1"]["per_class"] == {
-        held_out: pytest.approx(subjects(0.5)[0] | {"dice_std": 0.0, "hd95_std": 0.0, "nsd_std": 0.0})
+        held_out: pytest.approx(
+            subjects(0.5)[0] | {"dice_std": 0.0, "label_map_dice_std": 0.0, "hd95_std": 0.0, "nsd_std": 0.0}
+        )
     }
     assert results["reference_following"] == {
-        "one_shot": {"1": {"wrong_reference_dice": pytest.approx(0.3), "absent_class_fp": pytest.approx(3.0)}}
+        "one_shot": {
+            "1": {
+                "wrong_reference_dice": pytest.approx(0.3),
+                "absent_class_fp": pytest.approx(3.0),
+                "label_map_absent_class_fp": pytest.approx(0.5),
+            }
+        }
     }
     assert results["controls"] == {
         "seen": {"intensity_rule": pytest.approx(0.15), "position_rule": pytest.approx(0.4)},

@@ -31,7 +31,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data.controls import CONTROLS, control_dice
 from ..data.pool import DatasetPool, Subject
 from ..distributed import gather_objects, is_main_process, rank, world_size
-from ..training.metrics import absent_fraction, k_dice_change, mean_or_nan, off_diagonal, wrong_reference_dice
+from ..training.metrics import (
+    absent_fraction,
+    binary_predictions,
+    k_dice_change,
+    mean_or_nan,
+    off_diagonal,
+    wrong_reference_dice,
+)
 from ..training.model_settings import load_model
 from .inferers import InContextInferer
 from .strategies import TaskInputs, apply_strategy, strategy_inferer
@@ -39,23 +46,25 @@ from .support import Reference
 from .task_embeddings import encode_references, one_shot
 
 logger = logging.getLogger(__name__)
-METRICS = ("dice", "hd95", "nsd")
+METRICS = ("dice", "label_map_dice", "hd95", "nsd")  # label_map_dice: see scripts.training.metrics
 
 
 @dataclass
 class Records:
     """Raw scores of an evaluation (one rank's share, or all of them merged)."""
 
-    # (strategy, k, class name, draw) -> per-subject {"dice", "hd95", "nsd"} of a class the subject holds
+    # (strategy, k, class name, draw) -> per-subject {"dice", "label_map_dice", "hd95", "nsd"} of a class it holds
     classes: dict = field(default_factory=lambda: defaultdict(list))
-    # (strategy, k) -> wrong-reference Dice of every ordered class pair / FP fraction of every absent class
+    # (strategy, k) -> wrong-reference Dice of every ordered class pair / FP fraction of every absent class, in its
+    # own channel and in the label map of all requested classes
     wrong_reference: dict = field(default_factory=lambda: defaultdict(list))
     absent_fp: dict = field(default_factory=lambda: defaultdict(list))
+    label_map_absent_fp: dict = field(default_factory=lambda: defaultdict(list))
     controls: dict = field(default_factory=lambda: defaultdict(list))  # class name -> [intensity, position] Dice
     k_changes: list = field(default_factory=list)  # Dice changes, class alone vs with all others
 
     def extend(self, other: Records) -> None:
-        for name in ("classes", "wrong_reference", "absent_fp", "controls"):
+        for name in ("classes", "wrong_reference", "absent_fp", "label_map_absent_fp", "controls"):
             for key, values in getattr(other, name).items():
                 getattr(self, name)[key].extend(values)
         self.k_changes.extend(other.k_changes)
@@ -118,35 +127,36 @@ class KShotEvaluation:
     @torch.no_grad()
     def _score(
         self, subject: Subject, label: torch.Tensor, logits: torch.Tensor, values: Sequence[int], names: Sequence[str]
-    ) -> tuple[dict[str, dict[str, float]], list[float], list[float]]:
+    ) -> tuple[dict[str, dict[str, float]], list[float], list[float], list[float]]:
         """Scores of one subject (its ``label`` 1 x D x H x W) segmented for ``values`` (logits K x D x H x W).
 
         Returns:
-            Dice, HD95 and NSD of each class the subject holds (by name; the subject's spacing is the resampled one),
-            the wrong-reference Dice of every ordered pair of those classes, and the voxels predicted for each class
-            it does not hold as a fraction of that class's mean volume.
+            Dice, label-map Dice, HD95 and NSD of each class the subject holds (by name; the subject's spacing is the
+            resampled one), the wrong-reference Dice of every ordered pair of those classes, and the voxels predicted
+            for each class it does not hold as a fraction of that class's mean volume, in the class's own channel and
+            in the label map of all requested classes (see :func:`scripts.training.metrics.binary_predictions`).
         """
         pred = logits > 0
+        label_map = binary_predictions(logits[None], torch.arange(len(values))[None], "label_map")[0]
         held = [i for i, v in enumerate(values) if v in subject.classes]
-        absent = [
-            absent_fraction(float(pred[i].sum()), names[i], self.mean_voxels)
-            for i, v in enumerate(values)
-            if v not in subject.classes
-        ]
+        missing = [i for i, v in enumerate(values) if v not in subject.classes]
+        absent = [absent_fraction(float(pred[i].sum()), names[i], self.mean_voxels) for i in missing]
+        label_map_absent = [absent_fraction(float(label_map[i].sum()), names[i], self.mean_voxels) for i in missing]
         if not held:
-            return {}, [], absent
+            return {}, [], absent, label_map_absent
         held_pred = pred[held]
         truth = torch.stack([label[0] == values[i] for i in held])
         matrix = wrong_reference_dice(held_pred, truth)  # its diagonal is each class's Dice
+        label_map_dice = wrong_reference_dice(label_map[held], truth).diagonal()
         p, t, spacing = held_pred[None].float(), truth[None].float(), subject.spacing
         dice = matrix.diagonal()
         hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)[0]
         nsd = compute_surface_dice(p, t, [self.nsd_tolerance_mm] * len(held), include_background=True, spacing=spacing)
         scores = {
-            names[i]: {"dice": float(d), "hd95": float(h), "nsd": float(n)}
-            for i, d, h, n in zip(held, dice, hd95, nsd[0])
+            names[i]: {"dice": float(d), "label_map_dice": float(m), "hd95": float(h), "nsd": float(n)}
+            for i, d, m, h, n in zip(held, dice, label_map_dice, hd95, nsd[0])
         }
-        return scores, off_diagonal(matrix).tolist(), absent
+        return scores, off_diagonal(matrix).tolist(), absent, label_map_absent
 
     def run(self) -> dict:
         if self.ckpt_path:
@@ -210,13 +220,14 @@ class KShotEvaluation:
                     image, label = subject.volumes()  # one read of the cache for both
                     with torch.no_grad():
                         logits = inferer(image[None].to(self._device), self.network)[0].cpu()
-                    scores, wrong, absent = self._score(
+                    scores, wrong, absent, label_map_absent = self._score(
                         subject, label, logits, [values[i] for i in columns], [names[i] for i in columns]
                     )
                     for name, result in scores.items():
                         records.classes[(strategy, k, name, draw)].append(result)
                     records.wrong_reference[(strategy, k)].extend(wrong)
                     records.absent_fp[(strategy, k)].extend(absent)
+                    records.label_map_absent_fp[(strategy, k)].extend(label_map_absent)
             logger.info(f"k-shot evaluation: draw {draw + 1}/{self.draws}, k={k}, {info.name} done")
 
     def _score_controls(
@@ -270,6 +281,7 @@ class KShotEvaluation:
                 str(k): {
                     "wrong_reference_dice": mean_or_nan(records.wrong_reference[(strategy, k)]),
                     "absent_class_fp": mean_or_nan(records.absent_fp[(strategy, k)]),
+                    "label_map_absent_class_fp": mean_or_nan(records.label_map_absent_fp[(strategy, k)]),
                 }
                 for k in self.shots
             }
@@ -363,10 +375,8 @@ class KShotEvaluation:
                 )
                 logger.info(f"{group} Dice, {strategy}: {summary}")
         for strategy, by_k in results["reference_following"].items():
-            summary = ", ".join(
-                f"k={k}: {v['wrong_reference_dice']:.4f} / {v['absent_class_fp']:.4f}" for k, v in by_k.items()
-            )
-            logger.info(f"wrong-reference Dice / absent-class FP, {strategy}: {summary}")
+            summary = ", ".join(f"k={k}: " + " / ".join(f"{v[name]:.4f}" for name in v) for k, v in by_k.items())
+            logger.info(f"wrong-reference Dice / absent-class FP / label-map absent-class FP, {strategy}: {summary}")
         controls = "; ".join(
             f"{group}: " + ", ".join(f"{rule} {value:.4f}" for rule, value in rules.items())
             for group, rules in results["controls"].items()
