@@ -271,8 +271,8 @@ class EpisodeDataset(Dataset):
         anchor: int,
         candidates: Sequence[int],
         in_query: set[int],
+        dataset: int,
         difficulty: float = 1.0,
-        dataset: int = 0,
     ) -> list[int]:
         """The anchor, then up to ``max_classes - 1`` others: first classes the query patch holds (distractors that
         must be told apart), then absent ones (empty targets, ordered by ``absent_class_choice``); each extra class
@@ -311,7 +311,7 @@ class EpisodeDataset(Dataset):
         query_image, query_label = self._crop(query, self._query_centre(rng, query, anchor, difficulty))
         shared = set.intersection(*(subject.classes for subject in supports)) - {anchor}
         candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
-        values = self._choose_classes(rng, anchor, candidates, self._present(query_label), difficulty, dataset)
+        values = self._choose_classes(rng, anchor, candidates, self._present(query_label), dataset, difficulty)
         # every class gets a patch centred on it in every support subject, as inference crops references
         references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -147,8 +147,8 @@ class KShotEvaluation:
         held_pred = pred[held]
         truth = torch.stack([label[0] == values[i] for i in held])
         matrix = wrong_reference_dice(held_pred, truth)  # its diagonal is each class's Dice
-        label_map_dice = wrong_reference_dice(label_map[held], truth).diagonal()
         p, t, spacing = held_pred[None].float(), truth[None].float(), subject.spacing
+        label_map_dice = compute_dice(label_map[held][None].float(), t, include_background=True, ignore_empty=False)[0]
         dice = matrix.diagonal()
         hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)[0]
         nsd = compute_surface_dice(p, t, [self.nsd_tolerance_mm] * len(held), include_background=True, spacing=spacing)

@@ -33,6 +33,7 @@ from monai.metrics import compute_dice
 
 from ..data.controls import CONTROLS
 from ..data.patches import bounding_box_centre, crop_patch
+from ..data.transforms import label_map
 from ..distributed import gather_objects
 
 GROUPS = ("seen", "held_out", "all")
@@ -48,14 +49,14 @@ def checked_predictions(predictions: str) -> str:
 
 def binary_predictions(logits: torch.Tensor, class_ids: torch.Tensor, predictions: str = "channels") -> torch.Tensor:
     """``B x K x spatial`` logits -> the voxels of each class: its channel above 0 (``"channels"``) or the voxels it
-    wins in the label map of the requested classes (``"label_map"``: highest logit among ``class_ids >= 0``, and
-    above 0, as :func:`scripts.data.transforms.label_map` decides)."""
-    positive = logits > 0
+    wins in the label map of the requested classes (``"label_map"``: :func:`scripts.data.transforms.label_map` of
+    the channels with ``class_ids >= 0``, the decision that inference makes)."""
     if checked_predictions(predictions) == "channels":
-        return positive
+        return logits > 0
     requested = (class_ids >= 0).view(*class_ids.shape, *([1] * (logits.ndim - 2))).to(logits.device)
-    winner = torch.where(requested, logits, -torch.inf).argmax(dim=1, keepdim=True)
-    return positive & torch.zeros_like(positive).scatter_(1, winner, True)
+    channels = torch.arange(1, logits.shape[1] + 1, dtype=torch.int16, device=logits.device)
+    winners = label_map(torch.where(requested, logits, -torch.inf).transpose(0, 1), channels)[0]  # B x spatial
+    return winners.unsqueeze(1) == channels.view(1, -1, *([1] * (logits.ndim - 2)))
 
 
 def _gathered(values: list) -> list:
