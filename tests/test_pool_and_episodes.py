@@ -234,3 +234,17 @@ def test_disk_cache_gives_the_same_episodes_and_is_reused(demo_dataset: Path, po
     assert [s.foreground.keys() for s in again.subjects] == [s.foreground.keys() for s in pool.subjects]
     with pytest.raises(ValueError, match="cache must be"):
         DatasetPool([str(demo_dataset)], cache="gpu")
+
+
+def test_a_copy_of_the_data_in_another_folder_gives_the_same_episodes(
+    demo_dataset: Path, pool: DatasetPool, tmp_path: Path
+) -> None:
+    copy = DatasetPool([str(_copy_dataset(demo_dataset, tmp_path / "elsewhere" / "demo"))], num_workers=1)
+    for original, copied in zip(pool.subjects, copy.subjects):
+        assert original.foreground.keys() == copied.foreground.keys()
+        for value, coords in original.foreground.items():
+            assert np.array_equal(coords, copied.foreground[value]), (original.image_path, value)
+    episodes = [EpisodeDataset(p, length=6, patch_size=PATCH, max_classes=3, seed=11) for p in (pool, copy)]
+    for index in range(6):
+        for key, value in episodes[0][index].items():
+            assert torch.equal(value, episodes[1][index][key]), (index, key)

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 FOREGROUND_SAMPLES = 512  # voxel coordinates kept per class to centre foreground-aware crops
 SPLITS = ("training", "validation", "test")  # "test": labelled subjects kept out of model selection
-CACHE_FORMAT = 2  # bumped when a cache entry's content changes, so older entries are rebuilt
+CACHE_FORMAT = 3  # bumped when a cache entry's content changes, so older entries are rebuilt
 
 
 class DatasetPoolError(IrisInputError):
@@ -225,7 +225,12 @@ class DatasetPool:
         info = self.datasets[dataset]
         return info.labels[value] in info.held_out
 
-    def _records(self) -> list[tuple[int, dict[str, str]]]:
+    def _records(self) -> list[tuple[int, dict[str, str], int]]:
+        """Per entry of the split: its dataset, its files, and the seed of its foreground sample.
+
+        The seed comes from the dataset name and the image path as ``dataset.json`` writes it, not from where the data
+        lies on disk, so a copy of the data in another folder gives the same episodes.
+        """
         records = []
         for index, info in enumerate(self.datasets):
             for entry in info.entries.get(self.split, []):
@@ -234,7 +239,8 @@ class DatasetPool:
                         f"{info.root / 'dataset.json'}: every '{self.split}' entry needs 'image' and 'label', "
                         f"got {entry}."
                     )
-                records.append((index, {key: str(info.root / entry[key]) for key in ("image", "label")}))
+                files = {key: str(info.root / entry[key]) for key in ("image", "label")}
+                records.append((index, files, zlib.crc32(f"{info.name}/{entry['image']}".encode())))
         return records
 
     def _load_all(self, num_workers: int, skip_invalid: bool) -> list[Subject]:
@@ -253,7 +259,7 @@ class DatasetPool:
             logger.warning(f"Skipping {path}: no labelled class with at least {self.min_class_voxels} voxels.")
         return [subject for subject in subjects if subject.foreground]
 
-    def _cache_file(self, dataset: int, record: dict[str, str]) -> Path | None:
+    def _cache_file(self, dataset: int, record: dict[str, str], seed: int) -> Path | None:
         if self.cache_dir is None:
             return None
         stats = [
@@ -266,15 +272,15 @@ class DatasetPool:
             self.in_channels,
             CACHE_FORMAT,
         )
-        key = repr((stats, *preprocessing))
+        key = repr((stats, seed, *preprocessing))
         return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
 
-    def _load_subject(self, dataset: int, record: dict[str, str]) -> Subject | str:
+    def _load_subject(self, dataset: int, record: dict[str, str], seed: int) -> Subject | str:
         """Load, check and preprocess one subject; return a problem description instead of raising."""
         missing = [record[key] for key in ("image", "label") if not Path(record[key]).exists()]  # DICOM: a folder
         if missing:
             return f"{', '.join(missing)}: file not found"
-        cache_file = self._cache_file(dataset, record)
+        cache_file = self._cache_file(dataset, record, seed)
         if cache_file is not None and cache_file.is_file():
             try:
                 content = torch.load(cache_file, map_location="cpu", weights_only=True)
@@ -305,7 +311,7 @@ class DatasetPool:
         spacing = tuple(float(x) for x in affine_to_spacing(data["image"].affine, r=3))
         image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
         label = convert_to_tensor(data["label"], track_meta=False).round().to(torch.int16)
-        foreground, voxels = self._foreground(label, seed=zlib.crc32(record["image"].encode()))
+        foreground, voxels = self._foreground(label, seed=seed)
         shape = tuple(label.shape[1:])
         if cache_file is None:
             return Subject(dataset, record["image"], foreground, voxels, shape, spacing, (image, label))
