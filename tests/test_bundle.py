@@ -140,6 +140,9 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     held_out = report["per_class"]["val_held_out_dice"]
     assert held_out and all(name.split("/")[1] in HELD_OUT_LABELS for name in held_out)
     assert not set(report["per_class"]["val_seen_dice"]) & set(held_out)
+    absent = report["per_class"]["val_absent_class_fp"]  # which requested absent classes drew false positives
+    assert absent and all(value >= 0 for value in absent.values())
+    assert report["mean"]["val_absent_class_fp"] <= max(absent.values()) + 1e-6
 
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     net = build_iris_net(base_channels=4, num_query_tokens=8, num_heads=4, channel_multipliers=(1, 2, 4, 8))

@@ -75,8 +75,10 @@ def test_a_model_that_ignores_its_reference_scores_its_dice_as_wrong_reference_d
 
 
 def test_absent_class_false_positives_are_a_fraction_of_the_class_volume() -> None:
-    scores = _run({"fp": AbsentClassFalsePositives(NAMES, {"demo/a": 400.0, "demo/b": 400.0, "demo/c": 500.0})})
+    metric = AbsentClassFalsePositives(NAMES, {"demo/a": 400.0, "demo/b": 400.0, "demo/c": 500.0})
+    scores = _run({"fp": metric})
     assert scores["fp"] == pytest.approx(50 / 500)
+    assert metric.per_class() == pytest.approx({"demo/c": 50 / 500})  # only the absent class, a and b are present
 
 
 def test_label_map_scores_give_each_voxel_to_its_most_likely_requested_class() -> None:

@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data.pool import DatasetPool
 from ..distributed import is_main_process, unwrap
 from ..errors import IrisInputError
-from .metrics import ClassGroupDice
+from .metrics import AbsentClassFalsePositives, ClassGroupDice
 
 logger = logging.getLogger(__name__)
 
@@ -292,10 +292,11 @@ class ValidationReport:
             self.evaluator.run()
         scores = {name: float(self.evaluator.state.metrics.get(name, math.nan)) for name in self.metrics}
         groups = {name: metric for name, metric in self.metrics.items() if isinstance(metric, ClassGroupDice)}
+        by_class = {**groups, **{n: m for n, m in self.metrics.items() if isinstance(m, AbsentClassFalsePositives)}}
         report = {
             "iteration": engine.state.iteration,
             "mean": scores,
-            "per_class": {name: metric.per_class() for name, metric in groups.items()},
+            "per_class": {name: metric.per_class() for name, metric in by_class.items()},
         }
         if not is_main_process():
             return

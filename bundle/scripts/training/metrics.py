@@ -219,17 +219,25 @@ class AbsentClassFalsePositives(EvaluatorMetric):
         super().__init__()
 
     def reset(self) -> None:
-        self._values: list[float] = []
+        self._values: list[tuple[str, float]] = []  # (class name, fraction) per (case, absent class) pair
 
     def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
         voxels = binary_predictions(output["pred"], output["class_ids"], self.predictions)
         for pred, ids, present in zip(voxels, output["class_ids"], output["class_present"]):
             for k in (~present & (ids >= 0)).nonzero().flatten().tolist():
                 name = self.class_names[int(ids[k])]
-                self._values.append(absent_fraction(float(pred[k].sum()), name, self.mean_voxels))
+                self._values.append((name, absent_fraction(float(pred[k].sum()), name, self.mean_voxels)))
+
+    def per_class(self) -> dict[str, float]:
+        """Mean false positives of each requested absent class, over the cases of every rank: which references the
+        model matches to something else."""
+        merged: dict[str, list[float]] = defaultdict(list)
+        for name, value in _gathered(self._values):
+            merged[name].append(value)
+        return {name: float(np.mean(values)) for name, values in sorted(merged.items())}
 
     def compute(self) -> float:
-        return mean_or_nan(_gathered(self._values))
+        return mean_or_nan([value for _, value in _gathered(self._values)])
 
 
 @torch.no_grad()
