@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 FOREGROUND_SAMPLES = 512  # voxel coordinates kept per class to centre foreground-aware crops
 SPLITS = ("training", "validation", "test")  # "test": labelled subjects kept out of model selection
-CACHE_FORMAT = 3  # bumped when a cache entry's content changes, so older entries are rebuilt
+CACHE_FORMAT = 2  # bumped when a cache entry's content changes, so older entries are rebuilt
 
 
 class DatasetPoolError(IrisInputError):

@@ -292,11 +292,11 @@ class ValidationReport:
             self.evaluator.run()
         scores = {name: float(self.evaluator.state.metrics.get(name, math.nan)) for name in self.metrics}
         groups = {name: metric for name, metric in self.metrics.items() if isinstance(metric, ClassGroupDice)}
-        by_class = {**groups, **{n: m for n, m in self.metrics.items() if isinstance(m, AbsentClassFalsePositives)}}
+        by_class = (ClassGroupDice, AbsentClassFalsePositives)
         report = {
             "iteration": engine.state.iteration,
             "mean": scores,
-            "per_class": {name: metric.per_class() for name, metric in by_class.items()},
+            "per_class": {name: m.per_class() for name, m in self.metrics.items() if isinstance(m, by_class)},
         }
         if not is_main_process():
             return

@@ -63,6 +63,15 @@ def _gathered(values: list) -> list:
     return [value for part in gather_objects(values) for value in part]
 
 
+def _gathered_by_class(scores: Mapping[str, list[float]]) -> dict[str, list[float]]:
+    """Each class's scores over the cases of every rank, by class name."""
+    merged: dict[str, list[float]] = defaultdict(list)
+    for part in gather_objects(dict(scores)):
+        for name, values in part.items():
+            merged[name].extend(values)
+    return dict(sorted(merged.items()))
+
+
 class EvaluatorMetric(Metric):
     """An ignite metric that reads the named entries ``required_output_keys`` of the evaluator output."""
 
@@ -137,11 +146,7 @@ class ClassGroupDice(EvaluatorMetric):
 
     def per_class(self) -> dict[str, float]:
         """Mean Dice of each class of the group seen since the last reset, over the cases of every rank."""
-        merged: dict[str, list[float]] = defaultdict(list)
-        for scores in gather_objects(dict(self._scores)):
-            for name, values in scores.items():
-                merged[name].extend(values)
-        return {name: sum(scores) / len(scores) for name, scores in sorted(merged.items())}
+        return {name: sum(scores) / len(scores) for name, scores in _gathered_by_class(self._scores).items()}
 
     def compute(self) -> float:
         means = list(self.per_class().values())
@@ -219,25 +224,22 @@ class AbsentClassFalsePositives(EvaluatorMetric):
         super().__init__()
 
     def reset(self) -> None:
-        self._values: list[tuple[str, float]] = []  # (class name, fraction) per (case, absent class) pair
+        self._values: dict[str, list[float]] = defaultdict(list)  # class name -> fraction per case that lacks it
 
     def update_entries(self, output: Mapping[str, torch.Tensor]) -> None:
         voxels = binary_predictions(output["pred"], output["class_ids"], self.predictions)
         for pred, ids, present in zip(voxels, output["class_ids"], output["class_present"]):
             for k in (~present & (ids >= 0)).nonzero().flatten().tolist():
                 name = self.class_names[int(ids[k])]
-                self._values.append((name, absent_fraction(float(pred[k].sum()), name, self.mean_voxels)))
+                self._values[name].append(absent_fraction(float(pred[k].sum()), name, self.mean_voxels))
 
     def per_class(self) -> dict[str, float]:
         """Mean false positives of each requested absent class, over the cases of every rank: which references the
         model matches to something else."""
-        merged: dict[str, list[float]] = defaultdict(list)
-        for name, value in _gathered(self._values):
-            merged[name].append(value)
-        return {name: float(np.mean(values)) for name, values in sorted(merged.items())}
+        return {name: mean_or_nan(values) for name, values in _gathered_by_class(self._values).items()}
 
     def compute(self) -> float:
-        return mean_or_nan([value for _, value in _gathered(self._values)])
+        return mean_or_nan([value for values in _gathered_by_class(self._values).values() for value in values])
 
 
 @torch.no_grad()
