@@ -21,6 +21,7 @@ from scripts.data.transforms import label_map
 from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
 from scripts.inference.inferers import InContextInferer
+from scripts.inference.mirroring import mirrored
 from scripts.inference.support import SupportSetError, load_references
 from scripts.inference.task_embeddings import tuning_patches
 from scripts.inference.task_setup import resolve_classes
@@ -279,6 +280,43 @@ def test_stitching_options_keep_the_result(options: dict) -> None:
 def test_bad_stitch_dtype_is_named() -> None:
     with pytest.raises(ValueError, match="'float17'"):
         InContextInferer((16, 16, 16), stitch_dtype="float17")
+
+
+def test_mirroring_averages_the_mirrored_windows() -> None:
+    """A predictor that adds a ramp along D: mirroring D averages the ramp out; axes of size 1 are not mirrored."""
+    calls = []
+
+    def ramp(window: torch.Tensor) -> torch.Tensor:
+        calls.append(window.shape)
+        return window + torch.arange(window.shape[2], dtype=window.dtype).view(1, 1, -1, 1, 1)
+
+    window = torch.randn(2, 1, 6, 5, 1)
+    torch.testing.assert_close(mirrored(ramp, [0])(window), window + 2.5)  # (0 + 5) / 2 everywhere
+    calls.clear()
+    torch.testing.assert_close(mirrored(ramp, [0, 1, 2])(window), window + 2.5)
+    assert len(calls) == 4  # D and H mirrored, each alone and together; W has size 1
+    assert mirrored(ramp, []) is ramp
+    with pytest.raises(ValueError, match=r"mirror_axes .* \[0, 3\]"):
+        InContextInferer((16, 16, 16), mirror_axes=[0, 3])
+
+
+def test_mirrored_inference_keeps_shapes_and_changes_the_logits() -> None:
+    torch.manual_seed(0)
+    net = build_iris_net(**SIZE).eval()
+    volume, embeddings = torch.randn(1, 1, 40, 32, 24), torch.randn(1, 2, *net.token_shape)
+    logits = []
+    for axes in ([], [0, 1, 2]):
+        inferer = InContextInferer((16, 16, 16), sw_batch_size=2, mirror_axes=axes)
+        inferer.set_task(embeddings)
+        with torch.no_grad():
+            logits.append(inferer(volume, net))
+    assert logits[0].shape == logits[1].shape == (1, 2, 40, 32, 24)
+    assert not torch.allclose(logits[0], logits[1])  # an untrained network is not mirror-symmetric
+    mirrored_volume = volume.flip(2, 3, 4)  # the window grid is symmetric for these sizes
+    inferer.set_task(embeddings)
+    with torch.no_grad():
+        again = inferer(mirrored_volume, net).flip(2, 3, 4)
+    torch.testing.assert_close(again, logits[1], rtol=1e-4, atol=1e-4)  # the average is mirror-equivariant
 
 
 def test_unreadable_queries_are_named_before_any_is_segmented_or_skipped(

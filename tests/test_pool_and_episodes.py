@@ -107,6 +107,30 @@ def test_similar_intensity_requests_absent_classes_that_a_threshold_cannot_tell_
         EpisodeDataset(pool, **options, absent_class_choice="hardest")
 
 
+def test_synthetic_classes_take_the_last_slot_and_leave_the_rest_of_the_episode_alone(pool: DatasetPool) -> None:
+    """A synthetic class is valid but has no class id (no memory-bank row), every reference shows it, the query holds
+    it or not (an empty target), and the real classes' slots are those of the same episode without it."""
+    options = {"length": 40, "patch_size": PATCH, "max_classes": 4, "seed": 4}
+    plain = EpisodeDataset(pool, **options)
+    synthetic = EpisodeDataset(pool, **options, synthetic_class_prob=1.0)
+    in_query = 0
+    for index in range(len(plain)):
+        item, base = synthetic[index], plain[index]
+        valid = item["class_valid"]
+        slot = int(valid.sum()) - 1
+        assert item["class_ids"][slot] == -1 and (item["class_ids"][:slot] >= 0).all()
+        assert (item["support_mask"][slot].flatten(1).sum(-1) > 50).all()  # each reference shows the structure
+        assert torch.equal(item["class_ids"][:slot], base["class_ids"][:slot])
+        assert torch.equal(item["support_image"][:slot], base["support_image"][:slot])
+        in_query += int(item["query_mask"][slot].any())
+        changed = item["query_image"] != base["query_image"]
+        assert not (item["query_mask"][:slot].bool() & ~base["query_mask"][:slot].bool()).any()  # pasted over
+        assert changed.any() or not item["query_mask"][slot].any()
+    assert 0.3 < in_query / len(plain) < 0.95  # present, and absent as an empty target
+    with pytest.raises(ValueError, match="synthetic_class_prob"):
+        EpisodeDataset(pool, **options, synthetic_class_prob=1.5)
+
+
 def test_episodes_cannot_be_solved_without_the_reference(pool: DatasetPool) -> None:
     """Requested classes absent from the query and several classes per episode."""
     dataset = EpisodeDataset(pool, length=60, patch_size=PATCH, max_classes=4, seed=2)

@@ -9,7 +9,7 @@ workers or ranks, and a resumed run continues the exact sequence by skipping the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,12 +19,16 @@ from torch.utils.data import Dataset
 from .controls import control_dice
 from .patches import binary_masks, bounding_box_centre, crop_around, patch_shape
 from .pool import DatasetPool, DatasetPoolError, Subject
+from .synthetic_classes import SYNTHETIC_LABELS, SyntheticClass
 from .transforms import episode_augmentation, is_single_slice
 
 QUERY_CROPS = ("anchor", "other_class", "random")
 HELD_OUT_VOXELS = ("background", "unlabelled")
 ABSENT_CLASS_CHOICES = ("random", "similar_intensity")
+Paste = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 INTENSITY_SUBJECTS = 8  # subjects per class whose foreground voxels give its typical intensity
+SYNTHETIC_PRESENCE = 2 / 3  # probability that a synthetic class is in the query patch
+SYNTHETIC_DISTRACTOR = 1 / 2  # probability that the query patch also holds a synthetic structure of another look
 
 
 class EpisodeDataset(Dataset):
@@ -47,7 +51,8 @@ class EpisodeDataset(Dataset):
     Items (``K = max_classes``, ``S = k_shot``, ``P = patch size``):
         ``support_image`` K x S x 1 x P, ``support_mask`` K x S x 1 x P (uint8, class k in its own patches),
         ``query_image`` 1 x P, ``query_mask`` K x P (uint8), ``query_unlabelled`` 1 x P (bool), ``class_valid`` K
-        (bool), ``class_ids`` K (long, index into ``pool.class_names``, -1 for padding, whose patches are zero),
+        (bool), ``class_ids`` K (long, index into ``pool.class_names``, -1 for padding, whose patches are zero, and
+        for a synthetic class, which is valid),
         ``subject_ids`` S + 1 (indices into ``pool.subjects``, query first).
 
     Args:
@@ -77,6 +82,10 @@ class EpisodeDataset(Dataset):
         absent_class_choice: which absent classes an episode requests when it has room for some: ``"random"`` ones or
             ``"similar_intensity"`` ones first, ranked by how close their typical intensity (mean over the foreground
             of up to ``INTENSITY_SUBJECTS`` subjects) is to that of a trainable structure in the query patch.
+        synthetic_class_prob: probability that an episode requests, in its last class slot, a synthetic class drawn
+            for it alone (see :mod:`scripts.data.synthetic_classes`): pasted into every reference patch of its slot,
+            into the query with probability ``SYNTHETIC_PRESENCE`` (else an empty target), and with a synthetic
+            distractor of another look in the query with probability ``SYNTHETIC_DISTRACTOR``. 3D patches only.
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class EpisodeDataset(Dataset):
         curriculum_iterations: int = 0,
         held_out_voxels: str = "unlabelled",
         absent_class_choice: str = "random",
+        synthetic_class_prob: float = 0.0,
     ) -> None:
         if held_out_voxels not in HELD_OUT_VOXELS:
             raise ValueError(f"held_out_voxels must be one of {list(HELD_OUT_VOXELS)}, got {held_out_voxels!r}.")
@@ -122,6 +132,9 @@ class EpisodeDataset(Dataset):
         self.start = 0  # episodes already consumed by a resumed run
         self.episodes_per_iteration = episodes_per_iteration
         self.query_crop = self._crop_weights(query_crop)
+        if not 0.0 <= synthetic_class_prob <= 1.0:
+            raise ValueError(f"synthetic_class_prob must be in [0, 1], got {synthetic_class_prob}.")
+        self.synthetic_class_prob = synthetic_class_prob
         if curriculum_iterations < 0:
             raise ValueError(f"curriculum_iterations must be >= 0, got {curriculum_iterations}.")
         self.curriculum_iterations = curriculum_iterations
@@ -245,9 +258,13 @@ class EpisodeDataset(Dataset):
             return rng.integers(low, high)
         return self._centre(rng, subject, anchor)
 
-    def _crop(self, subject: Subject, centre: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image and label patches around ``centre``, augmented."""
+    def _crop(
+        self, subject: Subject, centre: Sequence[int], paste: Paste | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and label patches around ``centre``, with synthetic structures pasted in (``paste``), augmented."""
         image, label = crop_around(subject, centre, self.patch_size)
+        if paste is not None:
+            image, label = paste(image, label)
         tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: the patches need no metadata, and MetaTensors triple the cost
         try:
@@ -307,18 +324,42 @@ class EpisodeDataset(Dataset):
         few = len(holders[anchor]) <= self.k_shot  # only with self_support: subjects repeat as their own support
         chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=few)
         query, supports = self.pool.subjects[chosen[0]], [self.pool.subjects[i] for i in chosen[1:]]
+        # synthetic classes draw from their own stream, so the rest of the episode is the same with or without them
+        synthetic_rng = np.random.default_rng([self.seed, self.start + index, 2])
+        synthetic: list[SyntheticClass] = []
+        with_synthetic = (
+            self.synthetic_class_prob > 0
+            and not query.is_single_slice
+            and synthetic_rng.random() < self.synthetic_class_prob
+        )
 
-        query_image, query_label = self._crop(query, self._query_centre(rng, query, anchor, difficulty))
+        def paste_into_query(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            synthetic.extend(SyntheticClass.draw(synthetic_rng, image, label) for _ in SYNTHETIC_LABELS)
+            for structure, value, prob in zip(synthetic, SYNTHETIC_LABELS, (SYNTHETIC_PRESENCE, SYNTHETIC_DISTRACTOR)):
+                if synthetic_rng.random() < prob:
+                    image, label = structure.paste(synthetic_rng, image, label, None, value)
+            return image, label
+
+        query_image, query_label = self._crop(
+            query, self._query_centre(rng, query, anchor, difficulty), paste_into_query if with_synthetic else None
+        )
         shared = set.intersection(*(subject.classes for subject in supports)) - {anchor}
         candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
         values = self._choose_classes(rng, anchor, candidates, self._present(query_label), dataset, difficulty)
         # every class gets a patch centred on it in every support subject, as inference crops references
         references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
+        real_classes = len(values)
+        if with_synthetic:
+            values, references = values[: self.max_classes - 1], references[: self.max_classes - 1]
+            real_classes = len(values)
+            values.append(SYNTHETIC_LABELS[0])
+            references.append([self._synthetic_reference(synthetic_rng, subject, synthetic[0]) for subject in supports])
 
         names = self.pool.class_names
         info = self.pool.datasets[dataset]
         class_ids = torch.full((self.max_classes,), -1, dtype=torch.long)
-        class_ids[: len(values)] = torch.tensor([names.index(info.class_name(v)) for v in values])
+        class_ids[:real_classes] = torch.tensor([names.index(info.class_name(v)) for v in values[:real_classes]])
+        class_valid = torch.arange(self.max_classes) < len(values)
         unlabelled = [
             v for v in info.labels if self.held_out_voxels == "unlabelled" and self.pool.is_held_out(dataset, v)
         ]
@@ -339,10 +380,26 @@ class EpisodeDataset(Dataset):
             "query_image": query_image,
             "query_mask": binary_masks(query_label, values, self.max_classes),
             "query_unlabelled": query_unlabelled,
-            "class_valid": class_ids >= 0,
+            "class_valid": class_valid,
             "class_ids": class_ids,
             "subject_ids": torch.as_tensor(chosen, dtype=torch.long),  # query first, then the supports
         }
+
+    def _synthetic_reference(
+        self, rng: np.random.Generator, subject: Subject, structure: SyntheticClass
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reference patch of a synthetic class: a crop around a random structure of ``subject`` with the class
+        pasted near its centre (jittered by up to an eighth of the patch), as a real reference is centred on its class.
+        """
+        around = sorted(subject.classes)
+        centre = self._centre(rng, subject, around[rng.integers(len(around))])
+        size = np.array(self.patch_size)
+        jitter = rng.integers(-(size // 8), size // 8 + 1)
+
+        def paste(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return structure.paste(rng, image, label, size // 2 + jitter, SYNTHETIC_LABELS[0])
+
+        return self._crop(subject, centre, paste)
 
 
 class OneShotValidationDataset(Dataset):

@@ -10,6 +10,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
+from .mirroring import check_mirror_axes, mirrored
 from .task_embeddings import retrieve
 
 if TYPE_CHECKING:
@@ -17,17 +18,26 @@ if TYPE_CHECKING:
 
 
 class VolumeSlidingWindowInferer(SlidingWindowInferer):
-    """MONAI's sliding-window inferer whose windows have depth 1 on single-slice (2D) inputs.
+    """MONAI's sliding-window inferer whose windows have depth 1 on single-slice (2D) inputs, and whose windows can
+    be segmented mirrored too (``mirror_axes``, see :mod:`scripts.inference.mirroring`).
 
     A 2D image (B x C x H x W x 1) would otherwise be zero-padded to the full window depth, which the network never
     saw in training, where 2D patches have depth 1.
+
+    Args:
+        mirror_axes: spatial axes (0, 1, 2 for D, H, W) whose mirrorings are averaged with every window; empty: none.
+        args, kwargs: those of MONAI's ``SlidingWindowInferer``.
     """
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+    def __init__(self, *args, mirror_axes: Sequence[int] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mirror_axes = check_mirror_axes(mirror_axes)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         roi_size = self.roi_size
         self.roi_size = patch_size_for(inputs[0], roi_size)
         try:
-            return super().__call__(inputs, network, *args, **kwargs)
+            return super().__call__(inputs, mirrored(network, self.mirror_axes), *args, **kwargs)
         finally:
             self.roi_size = roi_size
 
@@ -49,6 +59,8 @@ class InContextInferer(Inferer):
         stitch_dtype: dtype of the full-resolution K-channel stitching buffer, e.g. ``"float16"`` to halve it when a
             label map is all that is needed (MONAI stitches in the input's dtype, so the volume is cast to it and each
             window back to the network's dtype); None keeps the input's dtype.
+        mirror_axes: spatial axes whose mirrorings are averaged with every window (``2 ** len(mirror_axes)`` network
+            passes, see :mod:`scripts.inference.mirroring`); empty for one pass.
     """
 
     def __init__(
@@ -59,6 +71,7 @@ class InContextInferer(Inferer):
         mode: str = "gaussian",
         cpu_thresh: int | None = None,
         stitch_dtype: str | torch.dtype | None = None,
+        mirror_axes: Sequence[int] = (),
     ):
         super().__init__()
         self.window_settings = {
@@ -68,6 +81,7 @@ class InContextInferer(Inferer):
             "mode": mode,
             "cpu_thresh": cpu_thresh,
             "stitch_dtype": stitch_dtype,
+            "mirror_axes": list(mirror_axes),
         }
         if isinstance(stitch_dtype, str):
             name, stitch_dtype = stitch_dtype, getattr(torch, stitch_dtype, None)
@@ -78,7 +92,12 @@ class InContextInferer(Inferer):
         self.stitch_dtype = stitch_dtype
         self.roi_size = tuple(roi_size)
         self.window = VolumeSlidingWindowInferer(
-            roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, cpu_thresh=cpu_thresh
+            roi_size,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            cpu_thresh=cpu_thresh,
+            mirror_axes=mirror_axes,
         )
         self.task_embeddings: torch.Tensor | None = None
 

@@ -254,7 +254,8 @@ class NonFiniteLossGuard:
         output = engine.state.output
         if torch.isfinite(output["loss"]).all():
             return
-        classes = sorted({self.pool.class_names[i] for i in output["class_ids"][output["class_valid"]].tolist()})
+        ids = output["class_ids"][output["class_valid"]].tolist()
+        classes = sorted({self.pool.class_names[i] if i >= 0 else "a synthetic class" for i in ids})
         subjects = output.get("subject_ids")
         paths = [] if subjects is None else [self.pool.subjects[i].image_path for i in subjects.flatten().tolist()]
         raise FloatingPointError(

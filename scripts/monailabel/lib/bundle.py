@@ -35,6 +35,7 @@ BUNDLE_SETTINGS = (
     "modality",
     "sw_batch_size",
     "sw_overlap",
+    "sw_mirror_axes",
 )
 
 
