@@ -348,10 +348,10 @@ class EpisodeDataset(Dataset):
         values = self._choose_classes(rng, anchor, candidates, self._present(query_label), dataset, difficulty)
         # every class gets a patch centred on it in every support subject, as inference crops references
         references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
-        real_classes = len(values)
         if with_synthetic:
             values, references = values[: self.max_classes - 1], references[: self.max_classes - 1]
-            real_classes = len(values)
+        real_classes = len(values)
+        if with_synthetic:
             values.append(SYNTHETIC_LABELS[0])
             references.append([self._synthetic_reference(synthetic_rng, subject, synthetic[0]) for subject in supports])
 

@@ -40,7 +40,8 @@ class SyntheticClass:
     def draw(cls, rng: np.random.Generator, image: torch.Tensor, label: torch.Tensor) -> SyntheticClass:
         """A class whose level is that of a random labelled voxel of ``image`` (any voxel if none is labelled), so
         that intensity alone does not tell it from the structures around it."""
-        values = image[0][label[0] > 0] if bool((label[0] > 0).any()) else image[0].flatten()
+        labelled = label[0] > 0
+        values = image[0][labelled] if bool(labelled.any()) else image[0].flatten()
         level = float(values[rng.integers(len(values))]) + rng.uniform(-0.3, 0.3)
         wall = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.6)) if rng.random() < 0.5 else 0.0
         return cls(
