@@ -1,4 +1,4 @@
-"""Tests of the warm-up + step-decay learning-rate schedule."""
+"""Tests of the warm-up + step-decay (+ optional linear cool-down) learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -50,6 +50,27 @@ def test_invalid_arguments_raise(args: tuple, message: str) -> None:
         WarmupStepDecay(*args)
 
 
+def test_cooldown_falls_linearly_from_the_step_decay_to_the_last_iteration() -> None:
+    schedule = WarmupStepDecay(2, 0.5, 4, cooldown_iterations=4, total_iterations=12)
+    plain = WarmupStepDecay(2, 0.5, 4)
+    assert [schedule(i) for i in range(8)] == [plain(i) for i in range(8)]
+    assert [schedule(i) for i in range(8, 12)] == pytest.approx([0.5 * 4 / 4, 0.5 * 3 / 4, 0.25 * 2 / 4, 0.25 / 4])
+    assert min(schedule(i) for i in range(12)) > 0
+
+
+@pytest.mark.parametrize(
+    "cooldown, total, message",
+    [
+        (-1, 100, "cooldown_iterations must be >= 0, got -1"),
+        (10, None, r"cool-down \(10 iterations\).*total_iterations None"),
+        (95, 100, r"cool-down \(95 iterations\).*warm-up \(10\).*total_iterations 100"),
+    ],
+)
+def test_cooldown_that_does_not_fit_the_run_raises(cooldown: int, total: int | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WarmupStepDecay(10, 0.98, 50, cooldown_iterations=cooldown, total_iterations=total)
+
+
 def _sgd(lr: float = 0.1) -> torch.optim.SGD:
     return torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=lr)
 
@@ -77,7 +98,15 @@ def test_state_dict_loads_with_weights_only() -> None:
     torch.save(scheduler.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state["lr_lambdas"] == [{"warmup_iterations": 4, "lr_decay_gamma": 0.5, "decay_interval": 3}]
+    assert state["lr_lambdas"] == [
+        {
+            "warmup_iterations": 4,
+            "lr_decay_gamma": 0.5,
+            "decay_interval": 3,
+            "cooldown_iterations": 0,
+            "total_iterations": None,
+        }
+    ]
 
     restored_optimizer = _sgd()
     restored = warmup_step_decay(restored_optimizer, warmup_iterations=1, lr_decay_gamma=0.9, decay_interval=100)
@@ -88,3 +117,12 @@ def test_state_dict_loads_with_weights_only() -> None:
         sched.step()
     assert restored.get_last_lr() == pytest.approx(scheduler.get_last_lr())
     assert restored.get_last_lr() == pytest.approx([0.05])
+
+
+def test_cooldown_fraction_scales_with_the_run() -> None:
+    for total in (12, 400):
+        scheduler = warmup_step_decay(_sgd(), 2, 1.0, 100, cooldown_fraction=0.25, total_iterations=total)
+        assert scheduler.lr_lambdas[0].cooldown_iterations == total // 4
+        assert scheduler.lr_lambdas[0](total - 1) == pytest.approx(1 / (total // 4))
+    with pytest.raises(ValueError, match="lr_cooldown_fraction must be in \\[0, 1\\), got 1.0"):
+        warmup_step_decay(_sgd(), 2, 1.0, 100, cooldown_fraction=1.0, total_iterations=12)
