@@ -157,6 +157,7 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
 
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [2, 4] and all("val_seen_dice" in line for line in lines)
+    assert 0 < lines[0]["wall_time_seconds"] < lines[1]["wall_time_seconds"]
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["iterations"] == 4 and summary["resumed_from_iteration"] == 0 and summary["wall_time_seconds"] > 0
     seen = summary["metrics"]["val_seen_dice"]

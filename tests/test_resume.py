@@ -125,6 +125,8 @@ def test_a_resumed_run_keeps_a_better_model(demo_dataset: Path, tmp_path: Path) 
     assert "Validation at iteration 9: " in result.stdout + result.stderr
     lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [3, 6, 9, 12]  # appended, nothing lost
+    wall_times = [json.loads(line)["wall_time_seconds"] for line in lines]
+    assert wall_times == sorted(wall_times) and wall_times[0] > 0  # the resumed run counts on from the kept lines
     summary = json.loads((run_dir / "logs" / "training_summary.json").read_text())
     assert summary["iterations"] == 12 and summary["resumed_from_iteration"] == 6
     assert summary["metrics"]["val_seen_dice"]["final_iteration"] == 12

@@ -20,6 +20,8 @@ from .averaging import AVERAGED_MODEL
 from .checkpoints import periodic_checkpoints
 from .model_settings import bundle_version
 
+RUN_KEYS = ("iteration", "wall_time_seconds", "learning_rate")  # the keys of a metrics.jsonl line that are no metric
+
 
 def read_metrics_lines(path: Path, up_to_iteration: int | None = None) -> list[dict[str, Any]]:
     """The validations recorded in a ``metrics.jsonl`` file, up to ``up_to_iteration`` (all when None)."""
@@ -34,9 +36,11 @@ class TrainingSummary:
     iterations and wall time, the best and final value of every metric with their iterations, the learning-rate range,
     the checkpoints, the data pool with its dataset sizes, and the versions of torch, MONAI and the bundle.
 
-    A resumed run first drops the lines after the iteration it resumes from (a run killed after a validation but
-    before its checkpoint repeats that validation), then appends. Attach it after the checkpoint handler, which
-    restores the iteration, and after :class:`~scripts.handlers.ValidationReport`, whose final validation it records.
+    Each line also holds ``wall_time_seconds``, the training time until that validation (validations included), so
+    Dice can be read against time. A resumed run first drops the lines after the iteration it resumes from (a run
+    killed after a validation but before its checkpoint repeats that validation), then appends, counting its time on
+    from that of the last line it keeps. Attach it after the checkpoint handler, which restores the iteration, and
+    after :class:`~scripts.handlers.ValidationReport`, whose final validation it records.
 
     Args:
         evaluator: the validation engine.
@@ -65,6 +69,7 @@ class TrainingSummary:
         self.trainer: Engine | None = None
         self._start_iteration = 0
         self._start_time = 0.0
+        self._earlier_wall_time = 0.0
         self._lr_range = [math.inf, -math.inf]
 
     @property
@@ -84,6 +89,7 @@ class TrainingSummary:
     def start(self, trainer: Engine) -> None:
         self._start_iteration, self._start_time = trainer.state.iteration, time.monotonic()
         kept = read_metrics_lines(self.metrics_path, trainer.state.iteration)
+        self._earlier_wall_time = float(kept[-1].get("wall_time_seconds", 0.0)) if kept else 0.0
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text("".join(json.dumps(line) + "\n" for line in kept), self.metrics_path)
 
@@ -92,7 +98,12 @@ class TrainingSummary:
         self._lr_range = [min(self._lr_range[0], lr), max(self._lr_range[1], lr)]
 
     def record_validation(self, evaluator: Engine) -> None:
-        line = {"iteration": self.trainer.state.iteration, "learning_rate": self._lr()}
+        wall_time = self._earlier_wall_time + time.monotonic() - self._start_time
+        line = {
+            "iteration": self.trainer.state.iteration,
+            "wall_time_seconds": round(wall_time, 1),
+            "learning_rate": self._lr(),
+        }
         line.update({name: float(value) for name, value in sorted(evaluator.state.metrics.items())})
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(line) + "\n")
@@ -126,7 +137,7 @@ class TrainingSummary:
 def metric_summary(validations: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Best and final value of every metric with their iterations; lower is better for the reference-following
     errors (wrong-reference Dice, absent-class false positives, k-dependence), higher for the others."""
-    names = sorted({name for line in validations for name in line} - {"iteration", "learning_rate"})
+    names = sorted({name for line in validations for name in line} - set(RUN_KEYS))
     lower_is_better = (
         "val_wrong_reference_dice",
         "val_absent_class_fp",
