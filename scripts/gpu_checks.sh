@@ -11,17 +11,10 @@ mkdir -p "$out"
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, report rc and seconds
-    local name=$1 seconds=$2 start rc
-    shift 2
-    start=$(date +%s)
-    timeout "$seconds" "$@" >"$out/$name.log" 2>&1
-    rc=$?
-    echo "$name: rc=$rc, $(($(date +%s) - start)) s" | tee -a "$out/summary.txt"
-}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/summary.txt"
-python -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" | tee -a "$out/summary.txt"
+summary="$out/summary.txt"
+log_dir="$out"
+source "$(dirname "$0")/gpu_steps.sh"
+gpu_header
 
 step benchmark "$bench_seconds" python scripts/benchmark.py --output "$out/benchmark_gpu.json"
 

@@ -14,20 +14,18 @@ seconds=${2:-480}
 start=$(date +%s)
 work=$(mktemp -d)
 summary="$out/summary.txt"
+log_dir="$work"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+source "$(dirname "$0")/gpu_steps.sh"
+gpu_header
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$summary" 2>&1
-python -c "import torch, monai, ignite; print('torch', torch.__version__, 'monai', monai.__version__, \
-'ignite', ignite.__version__, 'cuda', torch.cuda.is_available())" >>"$summary" 2>&1
-
-train() {  # train NAME SECONDS ARGS...: the Quick-start command with ARGS, time-limited, logged to the work folder
-    local name=$1 limit=$2 began=$(date +%s)
+train() {  # train NAME SECONDS ARGS...: the Quick-start command with ARGS as a step
+    local name=$1 limit=$2
     shift 2
-    timeout "$limit" python -m monai.bundle run training --bundle_root bundle \
+    step "$name" "$limit" python -m monai.bundle run training --bundle_root bundle \
         --config_file "['bundle/configs/train.json','bundle/configs/demo.json']" \
-        --ckpt_dir "$work/$name/models" --output_dir "$work/$name/logs" "$@" >"$work/$name.log" 2>&1
-    echo "$name: rc=$? after $(($(date +%s) - began)) s" >>"$summary"
+        --ckpt_dir "$work/$name/models" --output_dir "$work/$name/logs" "$@"
 }
 
 report() {  # report NAME: the run's validations, final lines and errors (progress bars end lines with \r)
