@@ -205,6 +205,10 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert settings["modality"] == "CT" and settings["bundle_version"] == bundle_version()
     assert sorted(settings["datasets"]["IrisDemo"]["held_out"]) == sorted(HELD_OUT_LABELS)
     assert settings["selection"]["metric"] == "val_seen_dice" and settings["selection"]["iteration"] in (2, 4)
+    # the match threshold, chosen on training subjects when training ended, and what it does on validation subjects
+    assert 0.0 <= settings["match"]["threshold"] <= 1.0 and settings["match"]["true_objects"] > 0
+    assert set(report["match"]) == {"training", "validation"}
+    assert report["match"]["training"]["threshold"] == settings["match"]["threshold"]
     assert read_model_settings(periodic[-1])["base_channels"] == 4  # training checkpoints too
     averaged = torch.load(ckpt_dir / "model_averaged.pt", weights_only=True)  # the mean of the last 2 checkpoints
     last_two = [torch.load(path, weights_only=True)["network"] for path in periodic[-2:]]

@@ -39,7 +39,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(demo_dataset: Path, tmp
     for key in rank0:
         if isinstance(rank0[key], torch.Tensor):
             assert torch.equal(rank0[key], rank1[key]), key
-    assert rank0["memory_bank._extra_state"] == rank1["memory_bank._extra_state"]
+    assert torch.equal(rank0["memory_bank._extra_state"], rank1["memory_bank._extra_state"])
     assert rank0["memory_bank.counts"].sum() > 0
 
     periodic = sorted((tmp_path / "models").glob("checkpoint*.pt"))
@@ -114,5 +114,5 @@ def test_memory_bank_survives_resume_under_ddp(demo_dataset: Path, tmp_path: Pat
     rank0, rank1 = (torch.load(second / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in ("memory_bank.embeddings", "memory_bank.counts"):
         assert torch.equal(rank0[key], rank1[key]), key
-    assert rank0["memory_bank._extra_state"] == rank1["memory_bank._extra_state"]
+    assert torch.equal(rank0["memory_bank._extra_state"], rank1["memory_bank._extra_state"])
     assert rank0["memory_bank.counts"].sum() > before["memory_bank.counts"].sum()  # continued from the saved bank

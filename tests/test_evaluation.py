@@ -70,7 +70,12 @@ def test_k_shot_protocol_writes_grouped_metrics(demo_dataset: Path, tmp_path: Pa
     assert result.returncode == 0, result.stderr[-4000:]
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"seen", "held_out", "reference_following", "k_independence", "controls"}
+    assert set(metrics) == {"seen", "held_out", "reference_following", "k_independence", "controls", "match"}
+    for by_k in metrics["match"].values():  # every object scored against its reference; no threshold recorded here
+        for kinds in by_k.values():
+            assert set(kinds) == {"channels", "label_map"} and kinds["channels"]["true_objects"] > 0
+            assert all(kind["threshold"] is None and kind["false_objects_warned"] is None for kind in kinds.values())
+            assert 0.0 <= kinds["channels"]["true_objects_median_score"] <= 1.0
     assert set(metrics["held_out"]) == {"one_shot", "ensemble", "retrieval", "tuning"}  # no memory for unseen
     assert set(metrics["seen"]) == {"one_shot", "ensemble", "retrieval", "tuning", "memory"}
     held_out, scored = {f"IrisDemo/{name}" for name in HELD_OUT_LABELS}, scored_classes(demo_dataset)

@@ -25,7 +25,7 @@ from scripts.inference.mirroring import mirrored
 from scripts.inference.support import SupportSetError, load_references
 from scripts.inference.task_embeddings import tuning_patches
 from scripts.inference.task_setup import resolve_classes
-from scripts.networks import build_iris_net
+from scripts.networks import build_iris_net, extra_state
 from scripts.training.model_settings import training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,9 @@ def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, d
     assert (tmp_path / "summary.json").is_file()
     labels = [np.asarray(nib.load(path).dataobj) for path in demo["support_labels"]]
     pairs = sum(int((label == value).any()) for label in labels for value in CLASSES.values())
-    assert pairs >= 3 and calls == [pairs]  # one batched encoding of every (reference, class) pair, none per window
+    assert pairs >= 3 and calls[0] == pairs  # one batched encoding of every (reference, class) pair, none per window
+    # then the match check: per query, one batched encoding of the objects it found, none per window
+    assert len(calls) == 1 + len(demo["queries"]) and all(1 <= n <= len(CLASSES) for n in calls[1:])
 
 
 def test_embeddings_file_round_trip(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
@@ -186,7 +188,8 @@ def test_output_geometry_follows_anisotropic_oblique_non_ras_queries(checkpoint:
     query = tmp_path / "oblique.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, :30], affine), query)
     state = torch.load(checkpoint, weights_only=True)
-    state["_extra_state"]["target_spacing"] = [1.5, 1.5, 1.5]  # a model trained at 1.5 mm: queries are resampled
+    settings = extra_state.decode(state["_extra_state"])
+    state["_extra_state"] = extra_state.encode({**settings, "target_spacing": [1.5, 1.5, 1.5]})  # queries resampled
     resampling = tmp_path / "model_1.5mm.pt"
     torch.save(state, resampling)
     run_inference(
@@ -444,3 +447,26 @@ def test_previews_show_the_reference_above_the_query(tmp_path: Path) -> None:
     assert alone.width >= 512 and both.width == alone.width and both.height > 1.5 * alone.height - 100
     legend = np.asarray(alone)[-40:]  # the legend lines hold each class's colour
     assert all((legend == colour).all(-1).any() for colour in ((230, 25, 75), (60, 180, 75)))
+
+
+def test_a_workflow_run_again_on_another_query_keeps_its_weights_and_task(
+    checkpoint: Path, demo: dict, tmp_path: Path
+) -> None:
+    """What the MONAI Label app does between requests: swap the query, run again. The weights are not reloaded, the
+    task embeddings not recomputed, and the label map is the one a fresh run writes."""
+    options = {"classes": CLASSES, "strategy": "retrieval", "support_images": demo["support_images"],
+               "support_labels": demo["support_labels"], "save_previews": False}  # fmt: skip
+    kept = inference_workflow(checkpoint, tmp_path / "kept", query_images=demo["queries"][:1], **options)
+    kept.run()
+    loader, task = kept.parser.get_parsed_content("handlers")[:2]
+    embeddings = kept.parser.get_parsed_content("inferer").task_embeddings
+    kept.parser.get_parsed_content("dataset").data = [{"image": demo["queries"][1]}]
+    kept.run()
+    assert loader.loaded is not None and task.done
+    assert kept.parser.get_parsed_content("inferer").task_embeddings is embeddings  # not computed again
+    summary = json.loads((tmp_path / "kept" / "summary.json").read_text())
+    assert [entry["query"] for entry in summary["queries"]] == [demo["queries"][1]]  # this run's query only
+    run_inference(checkpoint, tmp_path / "fresh", query_images=demo["queries"][1:2], **options)
+    name = Path(summary["queries"][0]["segmentation"]).name
+    again, fresh = (np.asarray(nib.load(tmp_path / part / name).dataobj) for part in ("kept", "fresh"))
+    assert np.array_equal(again, fresh)

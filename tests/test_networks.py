@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.networks import build_iris_net
+from scripts.networks import build_iris_net, extra_state
 from scripts.networks.task_encoder import foreground_pooling, upsampling_adjoint
 from scripts.training.losses import DiceBCELoss
 from scripts.training.optimizers import Lamb
@@ -175,7 +175,14 @@ def test_the_state_dict_records_the_settings_and_older_models_still_load() -> No
         base_channels=4, num_heads=2, num_query_tokens=3, channel_multipliers=(1, 2, 4, 8), settings=settings
     )
     state = net.state_dict()
-    assert state["_extra_state"]["network"]["base_channels"] == 4 and state["_extra_state"]["patch_size"] == [32] * 3
+    assert all(isinstance(value, torch.Tensor) for value in state.values())  # as MONAI's copy_model_state needs
+    saved = extra_state.decode(state["_extra_state"])
+    assert saved["network"]["base_channels"] == 4 and saved["patch_size"] == [32] * 3
+    fresh = build_iris_net(base_channels=4, num_heads=2, num_query_tokens=3, channel_multipliers=(1, 2, 4, 8))
+    fresh.load_state_dict(state)
+    assert fresh.settings == net.settings
+    state["_extra_state"] = saved  # as saved by bundle 0.5.0-0.7.8: plain types
+    state["memory_bank._extra_state"] = extra_state.decode(state["memory_bank._extra_state"])
     fresh = build_iris_net(base_channels=4, num_heads=2, num_query_tokens=3, channel_multipliers=(1, 2, 4, 8))
     fresh.load_state_dict(state)
     assert fresh.settings == net.settings

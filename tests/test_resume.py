@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from scripts.atomic import atomic_save
+from scripts.networks import extra_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/demo.json']"
@@ -105,19 +106,20 @@ def test_a_resumed_run_keeps_a_better_model(demo_dataset: Path, tmp_path: Path) 
     run_dir = tmp_path / "run"
     run(training_command(demo_dataset, run_dir, "--total_iterations", "6", "--eval_every", "3"))
     model = run_dir / "models" / "model.pt"
-    selection = torch.load(model, weights_only=True)["_extra_state"]["selection"]
+    selection = extra_state.decode(torch.load(model, weights_only=True)["_extra_state"])["selection"]
     checkpoint = torch.load(run_dir / "models" / "checkpoint_00000006.pt", weights_only=True)
     assert checkpoint["best_model"] == selection and selection["iteration"] in (3, 6)
     # make the saved model look far better than anything the resumed run can reach, in the checkpoint too
     better = {**selection, "value": 2.0}
     model_state = torch.load(model, weights_only=True)
-    model_state["_extra_state"]["selection"] = better
+    settings = extra_state.decode(model_state["_extra_state"])
+    model_state["_extra_state"] = extra_state.encode({**settings, "selection": better})
     atomic_save(model_state, model)
     atomic_save({**checkpoint, "best_model": better}, run_dir / "models" / "checkpoint_00000006.pt")
     result = run(training_command(demo_dataset, run_dir, "--total_iterations", "12", "--eval_every", "3"))
     assert "Resuming training from" in result.stdout + result.stderr
     assert "Saved the best model so far" not in result.stdout + result.stderr
-    assert torch.load(model, weights_only=True)["_extra_state"]["selection"]["value"] == 2.0
+    assert extra_state.decode(torch.load(model, weights_only=True)["_extra_state"])["selection"]["value"] == 2.0
     # the history of the first run survives: curves continue, validations are numbered by iteration
     curves = json.loads((run_dir / "logs" / "training_curves.json").read_text())
     assert [v["iteration"] for v in curves["validation"]] == [3, 6, 9, 12]

@@ -17,6 +17,7 @@ from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
 from .controls import control_dice
+from .derived_classes import DerivedClass
 from .patches import binary_masks, bounding_box_centre, crop_around, patch_shape
 from .pool import DatasetPool, DatasetPoolError, Subject
 from .synthetic_classes import SYNTHETIC_LABELS, SyntheticClass
@@ -56,7 +57,7 @@ class EpisodeDataset(Dataset):
         ``subject_ids`` S + 1 (indices into ``pool.subjects``, query first).
 
     Args:
-        pool: training subjects.
+        data: the training subjects (a :class:`DatasetPool`; ``train#dataset#data`` in the bundle's configs).
         length: number of episodes (iterations x batch size).
         patch_size: patch size ``(D, H, W)``.
         k_shot: support subjects per episode.
@@ -86,11 +87,15 @@ class EpisodeDataset(Dataset):
             for it alone (see :mod:`scripts.data.synthetic_classes`): pasted into every reference patch of its slot,
             into the query with probability ``SYNTHETIC_PRESENCE`` (else an empty target), and with a synthetic
             distractor of another look in the query with probability ``SYNTHETIC_DISTRACTOR``. 3D patches only.
+        derived_class_prob: probability that an episode requests instead, in its last class slot, a class derived from
+            two neighbouring trainable classes that every subject of the episode holds (see
+            :mod:`scripts.data.derived_classes`): a new parcel of real anatomy, for pools whose structures differ by
+            position more than by look. 3D patches only.
     """
 
     def __init__(
         self,
-        pool: DatasetPool,
+        data: DatasetPool,
         length: int,
         patch_size: Sequence[int],
         k_shot: int = 1,
@@ -107,6 +112,7 @@ class EpisodeDataset(Dataset):
         held_out_voxels: str = "unlabelled",
         absent_class_choice: str = "random",
         synthetic_class_prob: float = 0.0,
+        derived_class_prob: float = 0.0,
     ) -> None:
         if held_out_voxels not in HELD_OUT_VOXELS:
             raise ValueError(f"held_out_voxels must be one of {list(HELD_OUT_VOXELS)}, got {held_out_voxels!r}.")
@@ -120,7 +126,7 @@ class EpisodeDataset(Dataset):
                 f"episodes_per_iteration) "
                 f"must be >= 1, got {k_shot}, {max_classes}, {episodes_per_iteration}, {length}."
             )
-        self.pool = pool
+        self.pool = data
         self.length = length
         self.patch_size = tuple(patch_size)
         self.k_shot = k_shot
@@ -132,9 +138,13 @@ class EpisodeDataset(Dataset):
         self.start = 0  # episodes already consumed by a resumed run
         self.episodes_per_iteration = episodes_per_iteration
         self.query_crop = self._crop_weights(query_crop)
-        if not 0.0 <= synthetic_class_prob <= 1.0:
-            raise ValueError(f"synthetic_class_prob must be in [0, 1], got {synthetic_class_prob}.")
+        if min(synthetic_class_prob, derived_class_prob) < 0 or synthetic_class_prob + derived_class_prob > 1:
+            raise ValueError(
+                "synthetic_class_prob and derived_class_prob must be >= 0 and add up to at most 1, got "
+                f"{synthetic_class_prob} and {derived_class_prob}."
+            )
         self.synthetic_class_prob = synthetic_class_prob
+        self.derived_class_prob = derived_class_prob
         if curriculum_iterations < 0:
             raise ValueError(f"curriculum_iterations must be >= 0, got {curriculum_iterations}.")
         self.curriculum_iterations = curriculum_iterations
@@ -143,10 +153,10 @@ class EpisodeDataset(Dataset):
         self.augment_2d = episode_augmentation(self.patch_size[:2], **(augmentation_kwargs or {}))
         self._holders = self._class_holders()
         self._weights = self._dataset_weights(dataset_weights)
-        means = pool.mean_class_voxels() if curriculum_iterations else {}  # the curriculum's "large structures"
+        means = data.mean_class_voxels() if curriculum_iterations else {}  # the curriculum's "large structures"
         self._class_sizes = [
             {value: means[info.class_name(value)] for value in holders} if means else {}
-            for info, holders in zip(pool.datasets, self._holders)
+            for info, holders in zip(data.datasets, self._holders)
         ]
         self._intensities = self._class_intensities() if absent_class_choice == "similar_intensity" else None
 
@@ -324,14 +334,16 @@ class EpisodeDataset(Dataset):
         few = len(holders[anchor]) <= self.k_shot  # only with self_support: subjects repeat as their own support
         chosen = rng.choice(holders[anchor], size=self.k_shot + 1, replace=few)
         query, supports = self.pool.subjects[chosen[0]], [self.pool.subjects[i] for i in chosen[1:]]
-        # synthetic classes draw from their own stream, so the rest of the episode is the same with or without them
+        # synthetic and derived classes draw from their own streams, so the rest of the episode is the same without
         synthetic_rng = np.random.default_rng([self.seed, self.start + index, 2])
         synthetic: list[SyntheticClass] = []
-        with_synthetic = (
-            self.synthetic_class_prob > 0
-            and not query.is_single_slice
-            and synthetic_rng.random() < self.synthetic_class_prob
-        )
+        slot = self.synthetic_class_prob + self.derived_class_prob
+        draw = synthetic_rng.random() if slot > 0 and not query.is_single_slice else 1.0
+        with_synthetic = draw < self.synthetic_class_prob
+        derived_rng = np.random.default_rng([self.seed, self.start + index, 3])
+        derived = None
+        if draw < slot and not with_synthetic:
+            derived = self._derived_class(derived_rng, dataset, anchor, [query, *supports])
 
         def paste_into_query(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             synthetic.extend(SyntheticClass.draw(synthetic_rng, image, label) for _ in SYNTHETIC_LABELS)
@@ -340,20 +352,24 @@ class EpisodeDataset(Dataset):
                     image, label = structure.paste(synthetic_rng, image, label, None, value)
             return image, label
 
-        query_image, query_label = self._crop(
-            query, self._query_centre(rng, query, anchor, difficulty), paste_into_query if with_synthetic else None
-        )
+        centre = self._query_centre(rng, query, anchor, difficulty)
+        paste = paste_into_query if with_synthetic else self._relabelling(query, derived, centre) if derived else None
+        query_image, query_label = self._crop(query, centre, paste)
         shared = set.intersection(*(subject.classes for subject in supports)) - {anchor}
+        shared -= {derived.base, derived.other} if derived else set()  # their voxels may now be the derived class
         candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
         values = self._choose_classes(rng, anchor, candidates, self._present(query_label), dataset, difficulty)
         # every class gets a patch centred on it in every support subject, as inference crops references
         references = [[self._crop(subject, self._centre(rng, subject, v)) for subject in supports] for v in values]
-        if with_synthetic:
+        if with_synthetic or derived:
             values, references = values[: self.max_classes - 1], references[: self.max_classes - 1]
         real_classes = len(values)
         if with_synthetic:
             values.append(SYNTHETIC_LABELS[0])
             references.append([self._synthetic_reference(synthetic_rng, subject, synthetic[0]) for subject in supports])
+        if derived:
+            values.append(SYNTHETIC_LABELS[0])
+            references.append([self._derived_reference(derived_rng, derived, subject) for subject in supports])
 
         names = self.pool.class_names
         info = self.pool.datasets[dataset]
@@ -384,6 +400,33 @@ class EpisodeDataset(Dataset):
             "class_ids": class_ids,
             "subject_ids": torch.as_tensor(chosen, dtype=torch.long),  # query first, then the supports
         }
+
+    def _derived_class(
+        self, rng: np.random.Generator, dataset: int, anchor: int, subjects: Sequence[Subject]
+    ) -> DerivedClass | None:
+        """A derived class of two trainable classes (not the anchor) that every subject of the episode holds; None when
+        there are fewer than two."""
+        shared = set.intersection(*(subject.classes for subject in subjects)) - {anchor}
+        candidates = sorted(v for v in shared if not self.pool.is_held_out(dataset, v))
+        return DerivedClass.draw(rng, candidates, subjects) if len(candidates) >= 2 else None
+
+    def _relabelling(self, subject: Subject, derived: DerivedClass, centre: Sequence[int]) -> Paste:
+        """The paste step of a crop around ``centre`` that labels the derived class's voxels in it."""
+        start = [int(c) - n // 2 for c, n in zip(centre, patch_shape(subject.is_single_slice, self.patch_size))]
+
+        def relabel(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return image, derived.relabel(subject, label, start, SYNTHETIC_LABELS[0])
+
+        return relabel
+
+    def _derived_reference(
+        self, rng: np.random.Generator, derived: DerivedClass, subject: Subject
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reference patch of a derived class: centred (jittered by up to an eighth of the patch) on one of its
+        voxels in ``subject``, the class labelled."""
+        size = np.array(self.patch_size)
+        centre = derived.reference_voxel(rng, subject) + rng.integers(-(size // 8), size // 8 + 1)
+        return self._crop(subject, centre, self._relabelling(subject, derived, centre))
 
     def _synthetic_reference(
         self, rng: np.random.Generator, subject: Subject, structure: SyntheticClass
@@ -416,7 +459,7 @@ class OneShotValidationDataset(Dataset):
     ``class_ids`` K, ``class_present`` K (bool), ``control_dice`` K x 2 (intensity rule, position rule).
 
     Args:
-        pool: validation subjects.
+        data: the validation subjects (a :class:`DatasetPool`; ``validate#dataset#data`` in the bundle's configs).
         reference_pool: training subjects to draw references from (same datasets, by name).
         patch_size: size of the reference patch, the training patch size.
         seed: seed of the reference draw.
@@ -425,20 +468,20 @@ class OneShotValidationDataset(Dataset):
 
     def __init__(
         self,
-        pool: DatasetPool,
+        data: DatasetPool,
         reference_pool: DatasetPool,
         patch_size: Sequence[int],
         seed: int = 0,
         controls: bool = True,
     ):
-        self.pool = pool
+        self.pool = data
         self.reference_pool = reference_pool
         self.patch_size = tuple(patch_size)
         self.seed = seed
         self.controls = controls
         self._cases = []
-        for index, subject in enumerate(pool.subjects):
-            info = pool.datasets[subject.dataset]
+        for index, subject in enumerate(data.subjects):
+            info = data.datasets[subject.dataset]
             values = [value for value in sorted(info.labels) if reference_pool.holders(info.name, value)]
             if set(values) & subject.classes:
                 self._cases.append((index, info.name, values))

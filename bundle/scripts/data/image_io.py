@@ -40,6 +40,11 @@ def output_extension(paths: Sequence[str]) -> str:
     return ".png" if paths and all(is_planar(path) for path in paths) else ".nii.gz"
 
 
+def output_dtype(extension: str) -> str:
+    """Label-map dtype for a segmentation file: 8 bits for PNG, 16 (up to 32767 classes) for volumes."""
+    return "uint8" if extension == ".png" else "int16"
+
+
 class QueryFilesError(IrisInputError, FileNotFoundError):
     """Query images that do not exist."""
 

@@ -22,13 +22,13 @@ from monai.utils import convert_to_tensor
 from ..atomic import atomic_save
 from ..errors import IrisInputError
 from .image_io import LoadImagesd
-from .transforms import subject_preprocessing, target_spacing_or_native
+from .transforms import normalisation, subject_preprocessing, target_spacing_or_native
 
 logger = logging.getLogger(__name__)
 
 FOREGROUND_SAMPLES = 512  # voxel coordinates kept per class to centre foreground-aware crops
 SPLITS = ("training", "validation", "test")  # "test": labelled subjects kept out of model selection
-CACHE_FORMAT = 2  # bumped when a cache entry's content changes, so older entries are rebuilt
+CACHE_FORMAT = 3  # bumped when a cache entry's content changes, so older entries are rebuilt
 
 
 class DatasetPoolError(IrisInputError):
@@ -73,7 +73,7 @@ class Subject:
         """Image (float32, C x D x H x W) and label (int16, 1 x D x H x W) volumes."""
         if self.tensors is not None:
             return self.tensors
-        content = torch.load(self.cache_file, map_location="cpu", weights_only=True)
+        content = torch.load(self.cache_file, map_location="cpu", weights_only=True, mmap=True)  # reads a crop only
         return content["image"], content["label"]
 
     @property
@@ -266,7 +266,7 @@ class DatasetPool:
             (record[key], Path(record[key]).stat().st_size, Path(record[key]).stat().st_mtime_ns) for key in record
         ]
         preprocessing = (
-            self.datasets[dataset].modality,
+            normalisation(self.datasets[dataset].modality),
             self.target_spacing,
             self.min_class_voxels,
             self.in_channels,

@@ -22,6 +22,7 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    ScaleIntensityd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -32,7 +33,15 @@ from ..errors import IrisInputError
 
 CT_WINDOW = (-990.0, 500.0)
 PERCENTILES = (2.0, 98.0)
-CT_MODALITIES = ("CT",)
+# The modality names of MSD and nnU-Net v2 dataset.json files (case-insensitive) and the normalisation each gets.
+# Names not listed (ultrasound, endoscopy, dermoscopy, X-ray, ...) get "percentile", as MR does.
+NORMALISATIONS = {
+    "ct_window": ("CT",),  # clip to [-990, 500] HU, then z-score
+    "percentile": ("MRI", "MR", "T1", "T1W", "T1GD", "T1C", "T2", "T2W", "FLAIR", "ADC", "DWI", "PET"),  # 2-98 %
+    "zscore": ("ZSCORE",),  # nnU-Net's "zscore": z-score without clipping
+    "rescale_to_0_1": ("RESCALE_TO_0_1",),  # nnU-Net's "rescale_to_0_1": min-max to [0, 1]
+    "none": ("NONORM",),  # nnU-Net's "noNorm": intensities as they are
+}
 LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
 
 
@@ -116,21 +125,36 @@ class VolumeSpacingd(Spacingd):
         return super().inverse(data)
 
 
+def normalisation(modality: str) -> str:
+    """The intensity normalisation of a modality name (see ``NORMALISATIONS``; unknown names: ``percentile``)."""
+    name = str(modality).strip().upper()
+    return next((norm for norm, names in NORMALISATIONS.items() if name in names), "percentile")
+
+
 def intensity_normalization(modality: str, keys: Sequence[str] = ("image",)) -> Compose:
-    """Clip by modality, then z-score: CT to [-990, 500] HU, anything else (MR, PET, ...) to its 2nd-98th percentile.
+    """The normalisation of ``modality`` (see :func:`normalisation`): CT clipped to [-990, 500] HU then z-scored;
+    MR, PET and other names clipped to their 2nd-98th percentile then z-scored; nnU-Net's ``zscore``,
+    ``rescale_to_0_1`` and ``noNorm`` as nnU-Net names them.
 
     Args:
         modality: the dataset's ``modality`` entry (case-insensitive).
         keys: image keys to normalise.
     """
-    if modality.upper() in CT_MODALITIES:
+    kind = normalisation(modality)
+    if kind == "ct_window":
         low, high = CT_WINDOW
-        clip = ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
-    else:
+        steps = [ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)]
+    elif kind == "percentile":
         low, high = PERCENTILES
         # to [0, 1] with clipping: the z-score after it makes the scale irrelevant (b_min=None cannot clip)
-        clip = ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True)
-    return Compose([clip, NormalizeIntensityd(keys)])
+        steps = [ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True)]
+    elif kind == "rescale_to_0_1":
+        return Compose([ScaleIntensityd(keys, minv=0.0, maxv=1.0)])
+    elif kind == "none":
+        return Compose([])
+    else:
+        steps = []
+    return Compose([*steps, NormalizeIntensityd(keys)])
 
 
 NATIVE_SPACING = ("native", "none", "null")
@@ -188,6 +212,7 @@ def episode_augmentation(
     scale_range: float = 0.1,
     translation_fraction: float = 0.05,
     flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = (0, 1, 2),
     intensity_scale: float = 0.15,
     intensity_shift: float = 0.1,
     augmentation_prob: float = 0.5,
@@ -202,7 +227,11 @@ def episode_augmentation(
         rotation_degrees: maximum absolute rotation about each axis.
         scale_range: maximum relative zoom change.
         translation_fraction: maximum translation as a fraction of the patch size.
-        flip_prob: probability of a flip along each axis.
+        flip_prob: probability of a flip along each of ``flip_axes``.
+        flip_axes: spatial axes that may be flipped. Leave out the axes along which anatomy is not symmetric in
+            meaning, e.g. ``[]`` for brain parcels with left and right regions: a flipped reference would show a
+            left region where a right one lies (inference mirrors windows only along these axes, see
+            ``sw_mirror_axes``).
         intensity_scale: maximum relative intensity scaling.
         intensity_shift: maximum intensity offset (in z-score units).
         augmentation_prob: probability of each non-flip transform.
@@ -223,7 +252,7 @@ def episode_augmentation(
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",
             ),
-            *[RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(dims)],
+            *[RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes if axis < dims],
             RandScaleIntensityd("image", factors=intensity_scale, prob=p),
             RandShiftIntensityd("image", offsets=intensity_shift, prob=p),
             RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=p / 2),

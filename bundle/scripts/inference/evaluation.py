@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data.controls import CONTROLS, control_dice
 from ..data.pool import DatasetPool, Subject
 from ..distributed import gather_objects, is_main_process, rank, world_size
+from ..training.match import cycle_dice, match_rates
 from ..training.metrics import (
     absent_fraction,
     binary_predictions,
@@ -39,7 +40,7 @@ from ..training.metrics import (
     off_diagonal,
     wrong_reference_dice,
 )
-from ..training.model_settings import load_model
+from ..training.model_settings import load_model, read_model_settings
 from .inferers import InContextInferer
 from .strategies import TaskInputs, apply_strategy, strategy_inferer
 from .support import Reference
@@ -62,9 +63,12 @@ class Records:
     label_map_absent_fp: dict = field(default_factory=lambda: defaultdict(list))
     controls: dict = field(default_factory=lambda: defaultdict(list))  # class name -> [intensity, position] Dice
     k_changes: list = field(default_factory=list)  # Dice changes, class alone vs with all others
+    # (strategy, k, "channels" or "label_map", "true" or "false") -> match scores of objects of requested classes the
+    # subject holds / of classes it lacks (more than a tenth of a class volume)
+    match: dict = field(default_factory=lambda: defaultdict(list))
 
     def extend(self, other: Records) -> None:
-        for name in ("classes", "wrong_reference", "absent_fp", "label_map_absent_fp", "controls"):
+        for name in ("classes", "wrong_reference", "absent_fp", "label_map_absent_fp", "controls", "match"):
             for key, values in getattr(other, name).items():
                 getattr(self, name)[key].extend(values)
         self.k_changes.extend(other.k_changes)
@@ -123,6 +127,7 @@ class KShotEvaluation:
         self.k_independence_cases = k_independence_cases
         self.mean_voxels = train_pool.mean_class_voxels()
         self.usage = {"patch_size": list(self.patch_size), "target_spacing": val_pool.target_spacing}
+        self.match_threshold: float | None = None  # the model's (see scripts.training.match), read in run()
 
     @torch.no_grad()
     def _score(
@@ -161,6 +166,7 @@ class KShotEvaluation:
     def run(self) -> dict:
         if self.ckpt_path:
             load_model(self.network, self.ckpt_path, self.usage)
+            self.match_threshold = read_model_settings(self.ckpt_path).get("match", {}).get("threshold")
         self.network.eval()
         records = Records()
         runs = [(draw, k) for draw in range(self.draws) for k in self.shots]
@@ -223,12 +229,42 @@ class KShotEvaluation:
                     scores, wrong, absent, label_map_absent = self._score(
                         subject, label, logits, [values[i] for i in columns], [names[i] for i in columns]
                     )
+                    self._score_match(subject, image, logits, references, [values[i] for i in columns], columns,
+                                      (strategy, k), records)  # fmt: skip
                     for name, result in scores.items():
                         records.classes[(strategy, k, name, draw)].append(result)
                     records.wrong_reference[(strategy, k)].extend(wrong)
                     records.absent_fp[(strategy, k)].extend(absent)
                     records.label_map_absent_fp[(strategy, k)].extend(label_map_absent)
             logger.info(f"k-shot evaluation: draw {draw + 1}/{self.draws}, k={k}, {info.name} done")
+
+    def _score_match(
+        self,
+        subject: Subject,
+        image: torch.Tensor,
+        logits: torch.Tensor,
+        references: Sequence[Sequence[Reference]],
+        values: Sequence[int],
+        columns: Sequence[int],
+        key: tuple[str, int],
+        records: Records,
+    ) -> None:
+        """Match scores of the objects found for each class, in its own channel and in the label map, against the
+        class's first reference; sorted into objects of classes the subject holds and false objects."""
+        patches = [references[i][0].patch(value, self.patch_size) for i, value in zip(columns, values)]
+        reference_images, reference_masks = (torch.stack([pair[i] for pair in patches]) for i in (0, 1))
+        names = [self.val_pool.datasets[subject.dataset].class_name(value) for value in values]
+        label_map = binary_predictions(logits[None], torch.arange(len(values))[None], "label_map")[0]
+        for kind, objects in (("channels", logits > 0), ("label_map", label_map)):
+            scores = cycle_dice(self.network, image, objects, reference_images, reference_masks.float(),
+                                self.patch_size)  # fmt: skip
+            for value, name, found, score in zip(values, names, objects, scores):
+                if score is None:
+                    continue
+                if value in subject.classes:
+                    records.match[(*key, kind, "true")].append(score)
+                elif absent_fraction(float(found.sum()), name, self.mean_voxels) > 0.1:
+                    records.match[(*key, kind, "false")].append(score)
 
     def _score_controls(
         self,
@@ -288,6 +324,20 @@ class KShotEvaluation:
             for strategy in self.strategies
         }
         results["k_independence"] = max(records.k_changes) if records.k_changes else float("nan")
+        results["match"] = {
+            strategy: {
+                str(k): {
+                    kind: match_rates(
+                        records.match[(strategy, k, kind, "true")],
+                        records.match[(strategy, k, kind, "false")],
+                        self.match_threshold,
+                    )
+                    for kind in ("channels", "label_map")
+                }
+                for k in self.shots
+            }
+            for strategy in self.strategies
+        }
         results["controls"] = {
             group: {
                 rule: mean_or_nan(

@@ -10,6 +10,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
+from ..training.match import ReferenceMatch
 from .mirroring import check_mirror_axes, mirrored
 from .task_embeddings import retrieve
 
@@ -100,6 +101,7 @@ class InContextInferer(Inferer):
             mirror_axes=mirror_axes,
         )
         self.task_embeddings: torch.Tensor | None = None
+        self.matcher: ReferenceMatch | None = None  # scores each query's objects against the references
 
     def set_task(self, embeddings: torch.Tensor | None) -> None:
         """Use ``embeddings`` (1 x K x T x C) for every following query; None means the memory bank."""
@@ -111,7 +113,11 @@ class InContextInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         """Return logits B x K x D x H x W for ``inputs`` (B x 1 x D x H x W)."""
-        return self._segment(inputs, network, self.task_embeddings)
+        return self._checked(inputs, self._segment(inputs, network, self.task_embeddings))
+
+    def _checked(self, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The logits after the match check of :attr:`matcher` (which may drop warned classes), if there is one."""
+        return logits if self.matcher is None else self.matcher(inputs, logits)
 
     def _segment(self, inputs: torch.Tensor, network: nn.Module, embeddings: torch.Tensor | None) -> torch.Tensor:
         window_inputs, predictor = self._stitching(inputs, network)
@@ -154,10 +160,10 @@ class RetrievalInferer(InContextInferer):
         logits = self._segment(inputs, network, self.task_embeddings)
         found = logits[0] > 0  # K x D x H x W, the objects of the first pass
         if not found.flatten(1).any(-1).all():
-            return logits  # a class was not found at all: keep the ensemble result for every class
+            return self._checked(inputs, logits)  # a class was not found at all: the ensemble result for every class
         query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
         chosen = retrieve(*self.references, query_embeddings.transpose(0, 1), self.top_k)
-        return self._segment(inputs, network, chosen)
+        return self._checked(inputs, self._segment(inputs, network, chosen))
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""

@@ -13,6 +13,7 @@ from ignite.engine import Engine, Events
 
 from ..data.image_io import LoadImagesd
 from ..drawing import overlay_panels, preview
+from .inferers import InContextInferer
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class InferenceReport:
         save_previews: write ``<query>_preview.png``.
         output_ext: suffix of the written segmentations (``.png`` for 2D queries).
         skipped: unreadable queries that were skipped (file -> reason), listed in the summary.
+        inferer: the in-context inferer, whose match check (if any) gives each class's ``match_score`` and
+            ``match_warning``; a warning is also one log line.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class InferenceReport:
         output_ext: str = ".nii.gz",
         skipped: Mapping[str, str] | None = None,
         reference_labels: Sequence[str] = (),
+        inferer: InContextInferer | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.skipped = dict(skipped or {})
@@ -65,6 +69,7 @@ class InferenceReport:
         self._loader = LoadImagesd("image")  # as the query was read (2D files with PIL)
         self.reference_labels = list(reference_labels)
         self._reference: tuple[str, np.ndarray] | None = None
+        self.inferer = inferer
 
     def reference_panels(self) -> tuple[str, np.ndarray] | None:
         """The first reference with the requested classes coloured in (read once), or None without references."""
@@ -77,8 +82,13 @@ class InferenceReport:
         return self._reference
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def start(self, engine: Engine) -> None:
+        """Each run reports its own queries (a server may run the engine again on other queries)."""
+        self.queries = []
 
     def record(self, engine: Engine) -> None:
         for item in engine.state.output:  # decollated: one dict per query
@@ -88,14 +98,26 @@ class InferenceReport:
             array = torch.as_tensor(labels).cpu().numpy()[0]
             counts = {name: int((array == value).sum()) for name, value in self.classes.items()}
             stem = query_stem(query)
+            classes = {
+                name: {"label_value": self.classes[name], "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
+                for name, n in counts.items()
+            }
+            matcher = getattr(self.inferer, "matcher", None)
+            if matcher is not None:
+                for (name, entry), score in zip(classes.items(), matcher.scores):
+                    entry["match_score"] = None if score is None else round(score, 4)
+                    entry["match_warning"] = matcher.warned(score)
+                    if entry["match_warning"]:
+                        logger.warning(
+                            f"Check {name} in {query}: its match score {score:.2f} is below the model's "
+                            f"{matcher.threshold:.2f}, so it may be another structure than the reference's"
+                            + (" (left out of the label map)." if matcher.drop_warned else ".")
+                        )
             self.queries.append(
                 {
                     "query": query,
                     "segmentation": str(self.output_dir / f"{stem}_seg{self.output_ext}"),
-                    "classes": {
-                        name: {"label_value": self.classes[name], "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
-                        for name, n in counts.items()
-                    },
+                    "classes": classes,
                 }
             )
             found = ", ".join(f"{name} {n} voxels" for name, n in counts.items())

@@ -14,6 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..distributed import unwrap
 from ..errors import IrisInputError
+from ..training.match import ReferenceMatch
 from .inferers import InContextInferer
 from .strategies import TaskInputs, apply_strategy, get_strategy
 from .support import SupportSetError, load_references
@@ -100,7 +101,8 @@ def resolve_classes(
 
 
 class TaskSetupHandler:
-    """At the start of inference (after the checkpoint is loaded), compute or load the task embeddings once.
+    """At the start of inference (after the checkpoint is loaded), compute or load the task embeddings once: an
+    engine run again (a server that swaps the query between runs) reuses them.
 
     Args:
         network: the IrisNet.
@@ -114,6 +116,9 @@ class TaskSetupHandler:
         tuning_steps, tuning_lr: in-context tuning schedule.
         retrieval_top_k: references averaged per class by the retrieval strategy.
         in_channels: the network's image channels (RGB references are converted to match).
+        match_threshold: the model's match threshold (see :mod:`scripts.training.match`): with references, every
+            query's objects are scored against each class's first reference, and those below it get a warning.
+        drop_warned: leave classes with a warning out of the label map.
     """
 
     def __init__(
@@ -132,6 +137,8 @@ class TaskSetupHandler:
         tuning_lr: float = 1e-3,
         retrieval_top_k: int = 1,
         in_channels: int = 1,
+        match_threshold: float | None = None,
+        drop_warned: bool = False,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -144,6 +151,8 @@ class TaskSetupHandler:
         self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
         self.tuning_losses: list[float] = []
         self.in_channels = in_channels
+        self.match_threshold, self.drop_warned = match_threshold, drop_warned
+        self.done = False
 
     def check(self) -> None:
         """Reject an unusable task before any image is read."""
@@ -170,9 +179,12 @@ class TaskSetupHandler:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if self.done:
+            return
         self.check()
         network = unwrap(self.network)
         strategy = get_strategy(self.strategy)
+        self.done = True
         if strategy.needs_references and not self.support_images:
             self.inferer.set_task(self._loaded(network))
             return
@@ -199,6 +211,11 @@ class TaskSetupHandler:
             task.per_reference, task.present = encode_references(
                 network, task.references, task.values, self.patch_size
             )  # R x K x T x C
+            first = [refs[0].patch(value, self.patch_size) for refs, value in zip(task.references, task.values)]
+            images, masks = (torch.stack([pair[i] for pair in first]) for i in (0, 1))  # K x 1 x P each
+            self.inferer.matcher = ReferenceMatch(
+                network, images, masks.float(), self.patch_size, self.match_threshold, self.drop_warned
+            )
         with TuningProgress(self.tuning_steps) as progress:
             task.on_tuning_step = progress
             embeddings = apply_strategy(self.strategy, task, self.inferer)

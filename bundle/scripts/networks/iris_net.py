@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import extra_state
 from .encoder import ResidualEncoder
 from .mask_decoder import MaskDecoder
 from .memory import MemoryBank
@@ -25,8 +26,12 @@ class IrisNet(nn.Module):
         mask_decoder: query features + task embeddings -> logits.
         memory_bank: optional class memory used when no task embeddings are given.
         settings: how the network was built and trained and how it must be used (network hyper-parameters, patch size,
-            spacing, datasets with their modality and classes; see :mod:`scripts.model_settings`). They are the
-            module's extra state, so every state dict (``model.pt``, a training checkpoint's ``network``) carries them.
+            spacing, datasets with their modality and classes; see :mod:`scripts.training.model_settings`). They are
+            the module's extra state (a tensor, see :mod:`.extra_state`), so every state dict (``model.pt``, a
+            training checkpoint's ``network``) carries them.
+        adopt_saved_settings: let :meth:`load_state_dict` first rebuild the network to the size a state dict
+            records, so that a network built before its weights are known (MONAI's ``ckpt_export --ckpt_file``)
+            loads any model. Off for training, where the optimizer already holds the parameters.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class IrisNet(nn.Module):
         mask_decoder: MaskDecoder,
         memory_bank: MemoryBank | None = None,
         settings: Mapping[str, Any] | None = None,
+        adopt_saved_settings: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -43,12 +49,31 @@ class IrisNet(nn.Module):
         self.mask_decoder = mask_decoder
         self.memory_bank = memory_bank
         self.settings = dict(settings or {})
+        self.adopt_saved_settings = adopt_saved_settings
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return dict(self.settings)
+    def get_extra_state(self) -> torch.Tensor:
+        return extra_state.encode(self.settings)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.settings = dict(state)
+    def set_extra_state(self, state: torch.Tensor | dict[str, Any]) -> None:
+        self.settings = dict(extra_state.decode(state, {}))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``adopt_saved_settings``, the parts are first rebuilt to the network
+        size that ``state_dict`` records (when it records one that differs from this network's)."""
+        if self.adopt_saved_settings:
+            self._adopt(state_dict)
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def _adopt(self, state_dict: Mapping[str, Any]) -> None:
+        saved = extra_state.decode(state_dict.get("_extra_state"), {}).get("network")
+        if not saved or saved == self.settings.get("network"):
+            return
+        classes = extra_state.decode(state_dict.get("memory_bank._extra_state"), {}).get("class_names", [])
+        built = build_iris_net(**saved, memory_classes=classes)
+        device = next(self.parameters()).device
+        for part in ("encoder", "task_encoder", "mask_decoder", "memory_bank"):
+            setattr(self, part, None if getattr(built, part) is None else getattr(built, part).to(device))
+        self.settings = {**self.settings, "network": saved}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # models saved before bundle 0.5.0 record no settings: load them strictly all the same, with none
@@ -170,6 +195,7 @@ def build_iris_net(
     memory_momentum: float = 0.9,
     memory_classes: Sequence[str] = (),
     settings: Mapping[str, Any] | None = None,
+    adopt_saved_settings: bool = False,
 ) -> IrisNet:
     """Build the paper-scale network (the defaults) or a smaller preset.
 
@@ -178,7 +204,8 @@ def build_iris_net(
     (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck). ``memory_classes`` reserves memory-bank rows
     for the classes of the weights to be loaded, so the query-only forward has their channels before loading.
     The network records its hyper-parameters, with ``settings`` (what training knows: patch size, spacing, datasets),
-    in every state dict it saves (see :mod:`scripts.model_settings`).
+    in every state dict it saves (see :mod:`scripts.training.model_settings`); ``adopt_saved_settings``: see
+    :class:`IrisNet`.
     """
     if base_channels < 1 or num_query_tokens < 1:
         raise ValueError(f"base_channels and num_query_tokens must be >= 1, got {base_channels}, {num_query_tokens}.")
@@ -207,4 +234,5 @@ def build_iris_net(
         mask_decoder=MaskDecoder(channels, num_query_tokens + 1, num_heads, decoder_depth, mlp_dim, prototype_widths),
         memory_bank=memory,
         settings={**dict(settings or {}), "network": network},
+        adopt_saved_settings=adopt_saved_settings,
     )

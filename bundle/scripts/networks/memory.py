@@ -2,7 +2,7 @@
 
 Buffers grow as classes arrive (rows sorted by class name) and are resized when a checkpoint is loaded, so the bank
 travels in ``state_dict`` (``torch.load(weights_only=True)`` friendly); class names travel as the module's extra
-state (a list of strings).
+state (a tensor, see :mod:`.extra_state`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from . import extra_state
 
 _BUFFERS = ("embeddings", "counts")
 
@@ -104,11 +106,11 @@ class MemoryBank(nn.Module):
         self.embeddings.copy_(torch.where((seen > 0)[:, None, None], updated, self.embeddings))
         self.counts += (seen > 0).long()
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names)}
+    def get_extra_state(self) -> torch.Tensor:
+        return extra_state.encode({"class_names": list(self.class_names)})
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.class_names = list(state["class_names"])
+    def set_extra_state(self, state: torch.Tensor | dict[str, Any]) -> None:
+        self.class_names = list(extra_state.decode(state)["class_names"])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # Resize the growable buffers to the checkpoint's class count before the default copy. Models saved before

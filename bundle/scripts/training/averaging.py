@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_save
 from ..errors import IrisInputError
+from ..networks import extra_state
 from .checkpoints import periodic_checkpoints
 from .model_settings import load_network_state
 
@@ -39,8 +40,9 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> dict
             averaged[name] = torch.stack([tensor.float() for tensor in same]).mean(0).to(value.dtype)
         else:
             averaged[name] = value
-    if isinstance(averaged.get("_extra_state"), dict):
-        averaged["_extra_state"] = {**averaged["_extra_state"], "selection": {"averaged": [str(p) for p in paths]}}
+    if "_extra_state" in averaged:
+        settings = extra_state.decode(averaged["_extra_state"], {})
+        averaged["_extra_state"] = extra_state.encode({**settings, "selection": {"averaged": [str(p) for p in paths]}})
     atomic_save(averaged, output)
     return averaged
 

@@ -24,6 +24,7 @@ from ..atomic import atomic_save
 from ..data.episodes import EpisodeDataset
 from ..distributed import is_main_process, unwrap, world_size
 from ..errors import IrisInputError
+from ..networks import extra_state
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint_"
@@ -223,7 +224,8 @@ class BestModelSaver:
         self.best_iteration = self.trainer.state.iteration if self.trainer is not None else 0
         if is_main_process():
             state = unwrap(self.network).state_dict()
-            state["_extra_state"] = {**state.get("_extra_state", {}), "selection": self.state_dict()}
+            settings = extra_state.decode(state.get("_extra_state"), {})
+            state["_extra_state"] = extra_state.encode({**settings, "selection": self.state_dict()})
             atomic_save(state, self.path)
             logger.info(
                 f"Saved the best model so far ({self.metric} {score:.4f} at iteration {self.best_iteration}) "

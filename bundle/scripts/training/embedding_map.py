@@ -15,6 +15,7 @@ from monai.utils import optional_import
 from torch import nn
 
 from ..distributed import unwrap
+from ..networks import extra_state
 
 TSNE, has_tsne = optional_import("sklearn.manifold", name="TSNE")
 logger = logging.getLogger(__name__)
@@ -23,9 +24,9 @@ logger = logging.getLogger(__name__)
 def memory_bank_embeddings(state: Mapping[str, object]) -> tuple[list[str], torch.Tensor]:
     """Class names and flattened embeddings (N x T*C) of the memory bank in a network state dict, without the rows
     that training reserved but never filled (count 0)."""
-    extra = state.get("memory_bank._extra_state")
+    extra = extra_state.decode(state.get("memory_bank._extra_state"), {})
     embeddings, counts = state.get("memory_bank.embeddings"), state.get("memory_bank.counts")
-    names = list(extra.get("class_names", [])) if isinstance(extra, dict) else []
+    names = list(extra.get("class_names", []))
     filled = [row for row in range(len(names)) if counts is None or int(counts[row]) > 0]
     if embeddings is None or not filled:
         raise ValueError("The model has no filled memory bank: train with use_memory_bank true.")

@@ -1,15 +1,18 @@
 """What a saved model records about itself, so that every command can use it without size or preprocessing flags.
 
 :class:`~scripts.networks.IrisNet` keeps its settings as the module's extra state, so ``model.pt`` and the
-``network`` entry of every training checkpoint carry them, as plain types that load with ``weights_only=True``::
+``network`` entry of every training checkpoint carry them (JSON in a uint8 tensor, see
+:mod:`scripts.networks.extra_state`; a plain dict in models of bundle 0.5.0-0.7.8), loaded with ``weights_only=True``::
 
     {
         "network": {"base_channels": 8, "channel_multipliers": [1, 4, 8, 16], ...},  # build_iris_net's arguments
         "patch_size": [32, 32, 32],
         "target_spacing": null,                                                    # or [1.5, 1.5, 1.5]
+        "mirror_axes": [0, 1, 2],                              # windows mirrored at inference, as in validation
         "datasets": {"IrisDemo": {"modality": "CT", "labels": {"fluid_round": 1, ...}, "held_out": [...]}},
         "bundle_version": "0.5.0",
         "selection": {"metric": "val_seen_dice", "value": 0.66, "iteration": 3200},  # model.pt only
+        "match": {"threshold": 0.62, ...},    # model.pt only: the match check's threshold (scripts.training.match)
     }
 
 The configs read them with :func:`read_model_settings` (each id keeps a default for a model that records none) and
@@ -33,9 +36,10 @@ from monai.handlers import CheckpointLoader
 from torch import nn
 
 from ..data.pool import read_dataset_json
-from ..data.transforms import target_spacing_or_native
+from ..data.transforms import normalisation, target_spacing_or_native
 from ..distributed import unwrap
 from ..errors import IrisInputError
+from ..networks import extra_state
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +55,14 @@ def bundle_version() -> str:
 
 
 def training_settings(
-    dataset_files: Sequence[str], patch_size: Sequence[int], target_spacing: Sequence[float] | None
+    dataset_files: Sequence[str],
+    patch_size: Sequence[int],
+    target_spacing: Sequence[float] | None,
+    mirror_axes: Sequence[int] = (0, 1, 2),
 ) -> dict[str, Any]:
-    """The settings a training run records in its models, besides the network's own hyper-parameters."""
+    """The settings a training run records in its models, besides the network's own hyper-parameters;
+    ``mirror_axes``: the axes whose mirrored windows validation averaged (those training flipped), which inference
+    uses too."""
     datasets = {}
     for path in dataset_files:
         info = read_dataset_json(Path(path))
@@ -65,6 +74,7 @@ def training_settings(
     return {
         "patch_size": [int(size) for size in patch_size],
         "target_spacing": target_spacing_or_native(target_spacing),
+        "mirror_axes": [int(axis) for axis in mirror_axes],
         "datasets": datasets,
         "bundle_version": bundle_version(),
     }
@@ -105,15 +115,15 @@ def read_model_settings(path: str | Path) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
     state = load_network_state(path)
-    saved = state.get("_extra_state") or {}
+    saved = extra_state.decode(state.get("_extra_state"), {})
     settings: dict[str, Any] = {
-        "memory_classes": list((state.get("memory_bank._extra_state") or {}).get("class_names", []))
+        "memory_classes": list(extra_state.decode(state.get("memory_bank._extra_state"), {}).get("class_names", []))
     }
     if not saved:
         logger.warning(f"{path} records no settings (saved before bundle 0.5.0): using the settings of the configs.")
         return settings
     settings.update(saved.get("network", {}))
-    for key in ("patch_size", "target_spacing", "datasets", "bundle_version", "selection"):
+    for key in ("patch_size", "target_spacing", "mirror_axes", "datasets", "bundle_version", "selection", "match"):
         if key in saved:
             settings[key] = saved[key]
     datasets = saved.get("datasets", {})
@@ -122,11 +132,25 @@ def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
         for name, dataset in datasets.items()
         for label, value in dataset.get("labels", {}).items()
     }
-    modalities = sorted({dataset["modality"].upper() for dataset in datasets.values()})
+    modalities = sorted({str(dataset["modality"]) for dataset in datasets.values()}, key=str.upper)
     if modalities:
         settings["modalities"] = modalities
-        settings["modality"] = modalities[0] if len(modalities) == 1 else None
+        one = len({normalisation(modality) for modality in modalities}) == 1
+        settings["modality"] = modalities[0] if one else None
     return settings
+
+
+def describe_modalities(modalities: Sequence[str]) -> str:
+    """``CT (ct_window) and MRI (percentile)``: modality names with the normalisation each gets."""
+    return " and ".join(f"{name} ({normalisation(name)})" for name in modalities)
+
+
+def recorded_settings(path: str | Path) -> dict[str, Any]:
+    """Everything the model at ``path`` records, as it records it (``{}`` without a model file): a network built
+    with them states the same settings as the weights it loads, as MONAI's ``copy_model_state`` needs."""
+    if not Path(path).is_file():
+        return {}
+    return extra_state.decode(load_network_state(path).get("_extra_state"), {})
 
 
 def _same(saved: Any, requested: Any) -> bool:
@@ -141,13 +165,14 @@ def _same(saved: Any, requested: Any) -> bool:
 
 def model_modality(path: str | Path, default: str = "CT") -> str:
     """The modality the model at ``path`` was trained on (``default`` when it records none); a model trained on
-    several modalities needs an explicit ``--modality``."""
+    modalities of several normalisations needs an explicit ``--modality``."""
     settings = read_model_settings(path)
     if "modality" not in settings:
         return default
     if settings["modality"] is None:
         raise ModelSettingsError(
-            f"{path} was trained on {' and '.join(settings['modalities'])} images: pass --modality."
+            f"{path} was trained on {describe_modalities(settings['modalities'])} images: pass --modality with the "
+            "modality of your images (any name of the same normalisation works, e.g. MR for MRI)."
         )
     return settings["modality"]
 
@@ -168,8 +193,14 @@ def check_requested(path: str | Path, requested: Mapping[str, Any]) -> None:
     if "target_spacing" in requested:
         requested["target_spacing"] = target_spacing_or_native(requested["target_spacing"])
     for key, value in requested.items():
-        if key == "modality" and saved.get(key, "") is None and str(value).upper() in saved["modalities"]:
-            continue  # trained on several modalities: any of them may be asked for
+        if key == "modality" and "modalities" in saved:
+            if normalisation(value) not in {normalisation(name) for name in saved["modalities"]}:
+                raise ModelSettingsError(
+                    f"{path} was trained on {describe_modalities(saved['modalities'])} images, but --modality "
+                    f"{json.dumps(value)} ({normalisation(value)}) normalises images otherwise: give one of those "
+                    "modalities or another name of the same normalisation."
+                )
+            continue  # any name of a normalisation the model was trained with
         if key in saved and not _same(saved[key], value):
             raise ModelSettingsError(
                 f"{path} was trained with {key} {json.dumps(saved[key])}, but {json.dumps(value)} was asked for: "
@@ -200,6 +231,8 @@ class ModelLoader(CheckpointLoader):
         map_location: as ``torch.load``.
         keep_settings: keep the network's own settings rather than the model's, as training from a pretrained model
             does (its models then record the new run's data).
+
+    An engine that runs again loads the file again only if it changed.
     """
 
     def __init__(
@@ -214,10 +247,16 @@ class ModelLoader(CheckpointLoader):
         self.network = unwrap(network)
         self.usage = dict(usage or {})
         self.keep_settings = keep_settings
+        self.loaded: tuple[int, int] | None = None  # (modification time, size) of the file version loaded
 
     def __call__(self, engine: Engine) -> None:
+        stat = Path(self.load_path).stat() if Path(self.load_path).is_file() else None
+        version = (stat.st_mtime_ns, stat.st_size) if stat else None
+        if version is not None and version == self.loaded:
+            return  # an engine run again (a server between requests) keeps the weights it loaded
         check_requested(self.load_path, {**built_settings(self.network), **self.usage})
         own = dict(getattr(self.network, "settings", {}))
         super().__call__(engine)
+        self.loaded = version
         if self.keep_settings:
             self.network.settings = own

@@ -174,3 +174,43 @@ def pool_summary(pool: DatasetPool) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+class TrainingProgress:
+    """``<output_dir>/progress.json``, rewritten (atomically) every ``every`` iterations and when training ends: the
+    iteration, the total, the seconds since the start and the last mean training loss. A client that polls a running
+    training (MONAI Label's ``train_stats``) reads it without parsing logs.
+
+    Args:
+        output_dir: where the file goes.
+        loss: the window mean of the training loss (attach this handler after the ``StatsHandler`` that feeds it).
+        every: iterations between two writes.
+    """
+
+    def __init__(self, output_dir: str, loss: Any = None, every: int = 10) -> None:
+        self.path = Path(output_dir) / "progress.json"
+        self.loss = loss
+        self.every = every
+        self._started = 0.0
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self.start)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.write)
+        trainer.add_event_handler(Events.COMPLETED, self.write, True)
+
+    def start(self, trainer: Engine) -> None:
+        self._started = time.time()
+        self.write(trainer)
+
+    def write(self, trainer: Engine, finished: bool = False) -> None:
+        loss = getattr(self.loss, "value", math.nan)
+        progress = {
+            "iteration": trainer.state.iteration,
+            "total_iterations": trainer.state.epoch_length * trainer.state.max_epochs,
+            "started": round(self._started, 1),
+            "elapsed_seconds": round(time.time() - self._started, 1),
+            "train_loss": loss if math.isfinite(loss) else None,
+            "finished": finished,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(progress) + "\n", self.path)

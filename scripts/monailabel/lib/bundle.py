@@ -59,17 +59,14 @@ class IrisSettings:
         checkpoint: the weights given with ``--conf checkpoint`` (else the bundle's ``models/model.pt``).
         model_dir: where fine-tuning writes its runs and ``model_finetuned.pt``.
         overrides: bundle config ids from ``--conf`` (network size, patch size, modality, ...).
-        explicit_checkpoint: ``--conf checkpoint`` was given: those weights win over fine-tuned weights left by an
-            earlier server; fine-tuning that this server runs (``/train``) still takes over.
-        started: when the server started (fine-tuned weights written after it come from this server's ``/train``).
+        pin_checkpoint: always use ``checkpoint``, even when ``/train`` wrote newer fine-tuned weights.
     """
 
     bundle_root: Path
     checkpoint: Path
     model_dir: Path
     overrides: dict[str, Any] = field(default_factory=dict)
-    explicit_checkpoint: bool = False
-    started: float = field(default_factory=time.time)
+    pin_checkpoint: bool = False
 
     @classmethod
     def from_conf(cls, app_dir: str, conf: dict[str, str]) -> IrisSettings:
@@ -77,30 +74,39 @@ class IrisSettings:
         checkpoint = Path(conf.get("checkpoint", bundle_root / "models" / "model.pt")).resolve()
         model_dir = Path(conf.get("model_dir", Path(app_dir) / "model")).resolve()
         overrides = {key: parse_setting(conf[key]) for key in BUNDLE_SETTINGS if key in conf}
+        pin = str(conf.get("pin_checkpoint", "false")).lower()
+        if pin not in ("true", "false"):
+            raise ValueError(f"--conf pin_checkpoint takes true or false, got {conf['pin_checkpoint']!r}.")
         if str(bundle_root) not in sys.path:
             sys.path.insert(0, str(bundle_root))  # the bundle's ``scripts`` package, as MONAI puts it after initialize
-        return cls(bundle_root, checkpoint, model_dir, overrides, explicit_checkpoint="checkpoint" in conf)
+        return cls(bundle_root, checkpoint, model_dir, overrides, pin_checkpoint=pin == "true")
 
     @property
     def finetuned(self) -> Path:
         return self.model_dir / FINETUNED_NAME
 
     def active_checkpoint(self) -> Path:
-        """The fine-tuned weights when ``/train`` of this server wrote them, or when they are left from an earlier
-        server and no ``--conf checkpoint`` was given; else the given checkpoint (or the bundle's model)."""
-        if self.finetuned.is_file():
-            if not self.explicit_checkpoint or self.finetuned.stat().st_mtime > self.started:
-                return self.finetuned
-        return self.checkpoint
+        """The fine-tuned weights of ``/train`` when they are newer than the checkpoint (unless it is pinned), else the
+        checkpoint: after a restart, the server goes on with the weights it last fine-tuned."""
+        if self.pin_checkpoint or not self.finetuned.is_file():
+            return self.checkpoint
+        if self.checkpoint.is_file() and self.checkpoint.stat().st_mtime >= self.finetuned.stat().st_mtime:
+            return self.checkpoint
+        return self.finetuned
 
     def describe_weights(self) -> str:
-        """Which weights the app uses and why, for the start-up log."""
+        """Which weights the app uses and why, for the start-up log and ``info()``."""
         active = self.active_checkpoint()
         if active == self.finetuned:
-            return f"fine-tuned weights {active} (left by an earlier /train; --conf checkpoint would use other weights)"
-        if self.explicit_checkpoint and self.finetuned.is_file():
-            return f"weights {active} (--conf checkpoint; the fine-tuned {self.finetuned} is not used)"
-        return f"weights {active}"
+            written = time.strftime("%Y-%m-%d %H:%M", time.localtime(active.stat().st_mtime))
+            return (
+                f"weights: fine-tuned by /train ({active}, {written}), newer than {self.checkpoint}; "
+                "--conf pin_checkpoint true uses the checkpoint"
+            )
+        if self.finetuned.is_file():
+            reason = "pinned" if self.pin_checkpoint else "newer than the fine-tuned weights"
+            return f"weights: {active} ({reason}; {self.finetuned} is not used)"
+        return f"weights: {active}"
 
     def model_settings(self) -> dict[str, Any]:
         """What the active weights record about themselves (network size, patch size, classes, ...)."""
@@ -118,10 +124,13 @@ class IrisSettings:
         keys = (*BUNDLE_SETTINGS, "use_memory_bank", "memory_momentum")
         # --conf values stay the user's (and are refused when they contradict the weights); training reads the
         # modality of each dataset from its dataset.json
-        return {key: saved[key] for key in keys if key in saved and key not in self.overrides and key != "modality"}
+        ids = {key: saved[key] for key in keys if key in saved and key not in self.overrides and key != "modality"}
+        if "mirror_axes" in saved:  # flip only where the weights were flipped (not left/right anatomy)
+            ids["augmentation#flip_axes"] = saved["mirror_axes"]
+        return ids
 
-    def run(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
-        """Initialise, run and finalise a bundle workflow; returns the workflow (its parser holds the components)."""
+    def workflow(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
+        """An initialised bundle workflow with the app's overrides (``overrides`` win)."""
         from monai.bundle import ConfigWorkflow
 
         configs = [config] if isinstance(config, str) else config
@@ -135,6 +144,11 @@ class IrisSettings:
             **{**self.overrides, **overrides},
         )
         workflow.initialize()
+        return workflow
+
+    def run(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
+        """Initialise, run and finalise a bundle workflow; returns the workflow (its parser holds the components)."""
+        workflow = self.workflow(config, workflow_type, **overrides)
         try:
             workflow.run()
         finally:
