@@ -6,12 +6,12 @@ Example::
 
 Synthetic volumes of three sizes (labelled blobs; the cost does not depend on what the voxels show): the demo's
 64x64x48 at 1.5 mm, a 1 mm human-brain-size volume (197x233x189, 26 structures) and a 512x512x300 CT-like volume of
-0.8x0.8x1.0 mm resampled to 1.5 mm (273x273x200). For each, the seconds of one training episode
+0.8x0.8x1.0 mm resampled to 1.5 mm (274x274x200). For each, the seconds of one training episode
 (``EpisodeDataset[i]``, built as a DataLoader worker builds it) with the demo preset (32³ patches) and the paper preset
-(128³ patches), with the pool in memory and on disk; then the CPU seconds of one-shot inference of the brain (with and
-without mirrored windows) and of the CT volume (without) with the demo network; and the data-wait fraction that the
-paper preset's batch of 32 episodes would have with 8 DataLoader workers, from the episode cost and the recorded
-H200 step.
+(128³ patches), with the pool in memory and on disk; the CPU seconds of one-shot inference with the demo network (the
+brain also with mirrored windows) and the seconds per class of the match check; and the data-wait fraction that the
+paper preset's batch of 32 episodes would have with 8 DataLoader workers, from the episode cost and the recorded H200
+step.
 ``--brains`` adds the same measurements on a real dataset.
 """
 
@@ -38,6 +38,7 @@ from scripts.data.pool import DatasetPool  # noqa: E402
 from scripts.inference.inferers import InContextInferer  # noqa: E402
 from scripts.networks import build_iris_net  # noqa: E402
 from scripts.performance import channels_last  # noqa: E402
+from scripts.training.match import cycle_dice  # noqa: E402
 
 VOLUMES = {  # name: shape, spacing (mm), structures, target spacing
     "demo": ((64, 64, 48), (1.5, 1.5, 1.5), 12, None),
@@ -89,17 +90,31 @@ def episode_seconds(pool: DatasetPool, patch: tuple[int, ...], episodes: int) ->
 
 @torch.no_grad()
 def inference_seconds(volume: torch.Tensor, classes: int, mirror_axes: list[int]) -> float:
-    """Seconds of one sliding-window one-shot inference of ``volume`` with the demo network (bf16 where fast)."""
+    """Seconds of one sliding-window one-shot inference of ``volume`` with the demo network, with inference.json's
+    window settings (batch of 2 windows, float16 stitching, no autocast)."""
     network = channels_last(build_iris_net(**DEMO_NETWORK)).eval()
-    inferer = InContextInferer((32, 32, 32), sw_batch_size=4, overlap=0.5, stitch_dtype="float16",
+    inferer = InContextInferer((32, 32, 32), sw_batch_size=2, overlap=0.5, stitch_dtype="float16",
                                mirror_axes=mirror_axes)  # fmt: skip
     inferer.set_task(torch.randn(1, classes, *network.token_shape))
-    from scripts.performance import mixed_precision_is_fast
-
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision_is_fast("cpu")):
-        inferer(volume[None], network)
+    inferer(volume[None].float(), network)
     return time.perf_counter() - start
+
+
+@torch.no_grad()
+def match_seconds_per_class(volume: torch.Tensor, classes: int) -> float:
+    """Seconds per class of the match check (scripts/training/match.py) on ``volume``, each class's object a 16³ cube:
+    two network passes on one 32³ patch per class, whatever the volume's size."""
+    network = channels_last(build_iris_net(**DEMO_NETWORK)).eval()
+    objects = torch.zeros(classes, *volume.shape[1:], dtype=torch.bool)
+    centre = [n // 2 for n in volume.shape[1:]]
+    objects[(slice(None), *(slice(c - 8, c + 8) for c in centre))] = True
+    reference_images = torch.randn(classes, 1, 32, 32, 32)
+    reference_masks = torch.zeros_like(reference_images)
+    reference_masks[..., 8:24, 8:24, 8:24] = 1
+    start = time.perf_counter()
+    cycle_dice(network, volume.float(), objects, reference_images, reference_masks, (32, 32, 32))
+    return (time.perf_counter() - start) / classes
 
 
 def main(
@@ -108,11 +123,13 @@ def main(
     brains: str | None = None,
     threads: int = 1,
     inference_threads: int = 2,
+    volumes: list[str] | None = None,
 ) -> None:
     """Measure and write the results (see the module docstring); episodes are built with ``threads`` torch threads,
     as one DataLoader worker builds them, inference runs with ``inference_threads``. Mirrored inference (8 passes per
-    window) is measured on the brain; on the CT volume it costs the same factor."""
-    results: dict = {"episode_seconds": {}, "inference_seconds": {}, "threads": threads}
+    window) is measured on the brain; on the CT volume it costs the same factor. ``volumes``: a subset of the volume
+    names (``demo``, ``brain_1mm``, ``ct_512x512x300``, ``real_brains``) to measure."""
+    results: dict = {"episode_seconds": {}, "inference_seconds": {}, "match_seconds_per_class": {}, "threads": threads}
     with tempfile.TemporaryDirectory() as work:
         datasets = {
             name: (write_dataset(Path(work) / name, shape, spacing, count), target)
@@ -121,6 +138,8 @@ def main(
         if brains:
             datasets["real_brains"] = (Path(brains), None)
         for name, (path, target) in datasets.items():
+            if volumes is not None and name not in volumes:
+                continue
             for cache in ("memory", "disk"):
                 torch.set_num_threads(4)
                 pool = DatasetPool([str(path)], "training", target, num_workers=2, cache=cache,
@@ -130,22 +149,25 @@ def main(
                     seconds = episode_seconds(pool, patch, episodes)
                     results["episode_seconds"][f"{name}/{cache}/{preset}"] = round(seconds, 3)
                     print(f"episode {name} ({cache} cache) {preset} preset: {seconds:.3f} s", flush=True)
-            if name in ("brain_1mm", "ct_512x512x300"):
+            if name in ("demo", "brain_1mm", "ct_512x512x300"):
                 torch.set_num_threads(inference_threads)
                 volume = DatasetPool([str(path)], "validation", target, num_workers=1).subjects[0].image
+                seconds = match_seconds_per_class(volume, 6)
+                results["match_seconds_per_class"][f"{name}/{tuple(volume.shape[1:])}"] = round(seconds, 3)
+                print(f"match check {name}: {seconds:.3f} s per class", flush=True)
                 for mirror in ([], [0, 1, 2]) if name == "brain_1mm" else ([],):  # 8 passes: see the brain's ratio
                     seconds = inference_seconds(volume, 6, mirror)
                     key = f"{name}/{tuple(volume.shape[1:])}/mirror_{len(mirror)}axes"
                     results["inference_seconds"][key] = round(seconds, 1)
                     print(f"inference {key}: {seconds:.1f} s", flush=True)
-    paper = max(value for key, value in results["episode_seconds"].items() if key.endswith("memory/paper"))
+    paper = max((value for key, value in results["episode_seconds"].items() if key.endswith("memory/paper")), default=0)
     step = H200_STEP_S * PAPER_BATCH / 2  # the recorded step scaled to 32 episodes
     data = PAPER_BATCH * paper / WORKERS
     results["data_wait_estimate"] = {
         "episode_seconds_paper_preset": paper,
         "h200_step_seconds_for_32_episodes": round(step, 2),
         "data_seconds_per_step_with_8_workers": round(data, 2),
-        "wait_fraction": round(max(0.0, 1.0 - step / data), 3),
+        "wait_fraction": round(max(0.0, 1.0 - step / data), 3) if data else None,
     }
     Path(output).write_text(json.dumps(results, indent=4) + "\n")
     print(json.dumps(results["data_wait_estimate"], indent=4))
