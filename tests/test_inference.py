@@ -470,3 +470,24 @@ def test_a_workflow_run_again_on_another_query_keeps_its_weights_and_task(
     name = Path(summary["queries"][0]["segmentation"]).name
     again, fresh = (np.asarray(nib.load(tmp_path / part / name).dataobj) for part in ("kept", "fresh"))
     assert np.array_equal(again, fresh)
+
+
+def test_retrieval_among_no_more_references_than_it_keeps_segments_once(
+    checkpoint: Path, demo: dict, tmp_path: Path
+) -> None:
+    """With one reference per class (MONAI Label's "label one"), retrieval would choose that reference again: it
+    answers with its first pass, the one-shot result, at the one-shot cost."""
+    support = {"support_images": demo["support_images"][:1], "support_labels": demo["support_labels"][:1]}
+    outputs, passes = {}, {}
+    for strategy in ("one_shot", "retrieval"):
+        workflow = inference_workflow(checkpoint, tmp_path / strategy, classes=CLASSES, strategy=strategy,
+                                      query_images=demo["queries"][:1], save_previews=False, **support)  # fmt: skip
+        calls = []
+        workflow.parser.get_parsed_content("network").register_forward_pre_hook(lambda *_: calls.append(1))
+        workflow.run()
+        workflow.finalize()
+        passes[strategy] = len(calls)
+        name = Path(demo["queries"][0]).name.replace(".nii.gz", "_seg.nii.gz")
+        outputs[strategy] = np.asarray(nib.load(tmp_path / strategy / name).dataobj)
+    assert passes["retrieval"] == passes["one_shot"] > 0
+    np.testing.assert_array_equal(outputs["retrieval"], outputs["one_shot"])
