@@ -149,8 +149,10 @@ def segment(
     strategy: str,
     output_dir: Path,
     tuning_steps: int,
+    modality: str,
 ) -> dict[str, str]:
-    """Run ``inference.json`` as a user would; returns query -> written label map."""
+    """Run ``inference.json`` as a user would, naming the queries' modality (needed when the model was trained on
+    several, as with ``--with_demo``); returns query -> written label map."""
     bundle_run(
         config_file=str(BUNDLE / "configs" / "inference.json"),
         bundle_root=str(BUNDLE),
@@ -161,6 +163,7 @@ def segment(
         classes=dict(classes),
         strategy=strategy,
         tuning_steps=tuning_steps,
+        modality=modality,
         output_dir=str(output_dir),
         save_previews=False,
     )
@@ -216,7 +219,7 @@ def unet_one_shot(
             "reference": reference,
             "queries": [q["image"] for q in queries],
             "classes": classes,
-            "seconds": seconds,
+            "seconds": float(seconds),  # 300 and 300.0: the same run
             "seed": seed,
             "spacing": UNET_SPACING,
             "patch": UNET_PATCH,
@@ -356,7 +359,9 @@ def check(
             for strategy, references in runs.items():
                 name = "one_shot" if strategy == "wrong_reference" else strategy
                 start = time.perf_counter()
-                written[strategy] = segment(model, queries, references, classes, name, work / strategy, tuning_steps)
+                written[strategy] = segment(
+                    model, queries, references, classes, name, work / strategy, tuning_steps, info.modality
+                )
                 logger.info(f"{group}, draw {draw}, {strategy}: {time.perf_counter() - start:.1f} s")
             if unet_seconds > 0:
                 unet_work = Path(unet_dir).resolve() / group / f"draw{draw}" if unet_dir else work
