@@ -223,12 +223,8 @@ class MatchCalibration:
         patch_size: Sequence[int],
         subjects: int = 8,
     ) -> None:
-        self.network, self.train_pool, self.validation_pool, self.inferer = (
-            network,
-            train_pool,
-            validation_pool,
-            inferer,
-        )
+        self.network, self.inferer = network, inferer
+        self.train_pool, self.validation_pool = train_pool, validation_pool
         self.path, self.report = Path(path), Path(report)
         self.patch_size, self.subjects = tuple(patch_size), subjects
 
