@@ -45,11 +45,11 @@ sys.path.insert(0, str(BUNDLE_ROOT))
 from scripts.data.demo_data import make_demo_dataset  # noqa: E402
 from scripts.data.episodes import EpisodeDataset  # noqa: E402
 from scripts.data.pool import DatasetPool  # noqa: E402
-from scripts.inference.inferers import InContextInferer  # noqa: E402
 from scripts.networks import IrisNet, build_iris_net  # noqa: E402
 from scripts.performance import channels_last  # noqa: E402
+from scripts.segmentation.inferers import InContextInferer  # noqa: E402
+from scripts.segmentation.losses import DiceBCELoss  # noqa: E402
 from scripts.training.engines import EpisodicTrainer  # noqa: E402
-from scripts.training.losses import DiceBCELoss  # noqa: E402
 from scripts.training.optimizers import Lamb  # noqa: E402
 
 logger = logging.getLogger("benchmark")

@@ -67,7 +67,7 @@ def main(output: str = "monailabel_latency.json", checkpoint: str | None = None,
             volume(shape, spacing, studies / f"case{name}.nii.gz")
         volume((96, 96, 96), 1.5, studies / "reference.nii.gz", root / "reference_label.nii.gz")
         if checkpoint is None:
-            from scripts.training.model_settings import bundle_version
+            from scripts.segmentation.model_io import bundle_version
 
             settings = {
                 "patch_size": [32, 32, 32],

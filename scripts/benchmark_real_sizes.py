@@ -35,10 +35,10 @@ sys.path.insert(0, str(HERE.parent / "bundle"))
 
 from scripts.data.episodes import EpisodeDataset  # noqa: E402
 from scripts.data.pool import DatasetPool  # noqa: E402
-from scripts.inference.inferers import InContextInferer  # noqa: E402
 from scripts.networks import build_iris_net  # noqa: E402
 from scripts.performance import channels_last  # noqa: E402
-from scripts.training.match import cycle_dice  # noqa: E402
+from scripts.segmentation.inferers import InContextInferer  # noqa: E402
+from scripts.segmentation.match import cycle_dice  # noqa: E402
 
 VOLUMES = {  # name: shape, spacing (mm), structures, target spacing
     "demo": ((64, 64, 48), (1.5, 1.5, 1.5), 12, None),
@@ -103,8 +103,8 @@ def inference_seconds(volume: torch.Tensor, classes: int, mirror_axes: list[int]
 
 @torch.no_grad()
 def match_seconds_per_class(volume: torch.Tensor, classes: int) -> float:
-    """Seconds per class of the match check (scripts/training/match.py) on ``volume``, each class's object a 16³ cube:
-    two network passes on one 32³ patch per class, whatever the volume's size."""
+    """Seconds per class of the match check (scripts/segmentation/match.py) on ``volume``, each class's object a
+    16³ cube: two network passes on one 32³ patch per class, whatever the volume's size."""
     network = channels_last(build_iris_net(**DEMO_NETWORK)).eval()
     objects = torch.zeros(classes, *volume.shape[1:], dtype=torch.bool)
     centre = [n // 2 for n in volume.shape[1:]]

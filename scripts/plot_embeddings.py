@@ -15,8 +15,8 @@ import fire
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
+from scripts.segmentation.model_io import load_network_state  # noqa: E402
 from scripts.training.embedding_map import memory_bank_embeddings, write_embedding_map  # noqa: E402
-from scripts.training.model_settings import load_network_state  # noqa: E402
 
 
 def plot_embeddings(model: str = str(BUNDLE / "models" / "model.pt"), out: str = ".") -> list[str]:

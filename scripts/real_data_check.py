@@ -59,12 +59,12 @@ BUNDLE = REPO / "bundle"
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(BUNDLE))
 
-from scripts.data.controls import dice, intensity_rule, position_rule  # noqa: E402
 from scripts.data.image_io import LoadImagesd  # noqa: E402
 from scripts.data.pool import DatasetInfo, read_dataset_json  # noqa: E402
 from scripts.data.transforms import intensity_normalization  # noqa: E402
 from scripts.drawing import annotated, overlay_panels, palette_colour  # noqa: E402
-from scripts.inference.support import preprocessing  # noqa: E402
+from scripts.segmentation.controls import dice, intensity_rule, position_rule  # noqa: E402
+from scripts.segmentation.support import preprocessing  # noqa: E402
 
 logger = logging.getLogger("real_data_check")
 

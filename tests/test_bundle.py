@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from scripts.data.demo_data import HELD_OUT_LABELS
 from scripts.errors import user_error
 from scripts.networks import build_iris_net
-from scripts.training.model_settings import bundle_version, read_model_settings
+from scripts.segmentation.model_io import bundle_version, read_model_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"

@@ -13,15 +13,15 @@ from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
 
-from scripts.data.controls import CONTROLS
 from scripts.data.episodes import EpisodeDataset, OneShotValidationDataset
 from scripts.data.pool import DatasetPool
 from scripts.networks import build_iris_net
+from scripts.segmentation.controls import CONTROLS, control_dice
+from scripts.segmentation.losses import DiceBCELoss
+from scripts.segmentation.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
 from scripts.training.engines import EpisodicEvaluator, EpisodicTrainer
 from scripts.training.fine_tuning import EncoderFreeze
 from scripts.training.handlers import LossWeightSchedule, MemoryBankUpdateHandler, NonFiniteLossGuard
-from scripts.training.losses import DiceBCELoss
-from scripts.training.metrics import AbsentClassFalsePositives, ClassGroupDice, KIndependence, WrongReferenceDice
 from scripts.training.optimizers import Lamb
 from scripts.training.visuals import ValidationOverlays
 
@@ -159,7 +159,7 @@ def test_evaluator_encodes_each_reference_once_and_measures_reference_following(
         "k_independence": KIndependence(),
         "position_rule_seen_dice": ClassGroupDice(names, held_out, "seen", scores="position_rule"),
     }
-    dataset = OneShotValidationDataset(val_pool, train_pool, PATCH)
+    dataset = OneShotValidationDataset(val_pool, train_pool, PATCH, controls=control_dice)
     evaluator = EpisodicEvaluator(
         device="cpu",
         val_data_loader=DataLoader(dataset, batch_size=1),

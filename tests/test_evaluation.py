@@ -18,9 +18,9 @@ import torch
 from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.data.pool import DatasetPool
 from scripts.inference.evaluation import KShotEvaluation, Records
-from scripts.inference.inferers import InContextInferer
 from scripts.networks import build_iris_net
-from scripts.training.model_settings import training_settings
+from scripts.segmentation.inferers import InContextInferer
+from scripts.segmentation.model_io import training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 8, "channel_multipliers": [1, 2, 4, 8]}

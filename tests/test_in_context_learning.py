@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from scripts.networks import build_iris_net
-from scripts.training.losses import DiceBCELoss
+from scripts.segmentation.losses import DiceBCELoss
 from scripts.training.optimizers import Lamb
 
 SIZE = 16

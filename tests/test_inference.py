@@ -20,13 +20,13 @@ from scripts.data.image_io import query_files, unreadable_reason
 from scripts.data.transforms import label_map
 from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
-from scripts.inference.inferers import InContextInferer
-from scripts.inference.mirroring import mirrored
-from scripts.inference.support import SupportSetError, load_references
-from scripts.inference.task_embeddings import tuning_patches
 from scripts.inference.task_setup import resolve_classes
 from scripts.networks import build_iris_net, extra_state
-from scripts.training.model_settings import training_settings
+from scripts.segmentation.inferers import InContextInferer
+from scripts.segmentation.mirroring import mirrored
+from scripts.segmentation.model_io import training_settings
+from scripts.segmentation.support import SupportSetError, load_references
+from scripts.segmentation.task_embeddings import tuning_patches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"

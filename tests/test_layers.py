@@ -1,13 +1,20 @@
-"""The bundle's package is layered: no module imports from a layer above its own (README, Repository layout)."""
+"""The bundle's package is layered: no module imports from a layer above its own, and no config builds an object of a
+layer above its own (README, Repository layout)."""
 
 from __future__ import annotations
 
 import ast
+import json
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+PACKAGE = BUNDLE / "scripts"
 # layer of each subpackage; the modules at the package's top level (errors, atomic, distributed, ...) are layer 0
-LAYERS = {"networks": 1, "data": 1, "training": 2, "inference": 3}
+LAYERS = {"networks": 1, "data": 1, "segmentation": 2, "training": 3, "inference": 3}
+# the layer each config works in: training's configs build training objects, inference's and evaluation's do not
+CONFIG_LAYERS = {"train.json": "training", "inference.json": "inference", "evaluate.json": "inference"}
+SCRIPTS_PATH = re.compile(r"\bscripts((?:\.\w+)+)")
 
 
 def _layer(parts: tuple[str, ...]) -> int:
@@ -16,7 +23,8 @@ def _layer(parts: tuple[str, ...]) -> int:
 
 
 def _imports(package: Path, path: Path) -> list[tuple[str, ...]]:
-    """The package modules ``path`` imports (relative and ``scripts.`` imports), as parts relative to the package."""
+    """The package modules ``path`` imports (relative, ``from scripts.`` and ``import scripts.`` imports), as parts
+    relative to the package."""
     here = path.relative_to(package).parts[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -25,7 +33,15 @@ def _imports(package: Path, path: Path) -> list[tuple[str, ...]]:
             found.append((*base, *(node.module.split(".") if node.module else ()), "_"))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scripts."):
             found.append((*node.module.split(".")[1:], "_"))
+        elif isinstance(node, ast.Import):
+            found += [(*alias.name.split(".")[1:], "_") for alias in node.names if alias.name.startswith("scripts.")]
     return found
+
+
+def _crosses(own: tuple[str, ...], target: tuple[str, ...]) -> bool:
+    """Whether ``own`` may not use ``target``: a higher layer, or the other subpackage of the same layer."""
+    sibling = len(own) > 1 and len(target) > 1 and target[0] != own[0] and _layer(target) == _layer(own)
+    return _layer(target) > _layer(own) or sibling
 
 
 def violations(package: Path) -> list[str]:
@@ -33,10 +49,18 @@ def violations(package: Path) -> list[str]:
     found = []
     for path in sorted(package.rglob("*.py")):
         own = path.relative_to(package).parts
-        for target in _imports(package, path):
-            sibling = len(own) > 1 and len(target) > 1 and target[0] != own[0] and _layer(target) == _layer(own)
-            if _layer(target) > _layer(own) or sibling:
-                found.append(f"{'/'.join(own)} imports {'.'.join(target[:-1])}")
+        found += [f"{'/'.join(own)} imports {'.'.join(t[:-1])}" for t in _imports(package, path) if _crosses(own, t)]
+    return found
+
+
+def config_violations(configs: Path) -> list[str]:
+    """``scripts.`` paths (``_target_`` or expressions) a config uses from a layer above its own or a sibling's."""
+    found = []
+    for name, subpackage in CONFIG_LAYERS.items():
+        for match in SCRIPTS_PATH.finditer((configs / name).read_text()):
+            target = tuple(match.group(1).split(".")[1:])
+            if _crosses((subpackage, "config"), target):
+                found.append(f"{name} uses scripts{match.group(1)}")
     return found
 
 
@@ -45,17 +69,36 @@ def test_no_module_imports_upwards() -> None:
     assert violations(PACKAGE) == []
 
 
+def test_no_config_builds_objects_of_a_layer_above_its_own() -> None:
+    for name in CONFIG_LAYERS:
+        json.loads((BUNDLE / "configs" / name).read_text())  # the configs exist and parse
+    assert config_violations(BUNDLE / "configs") == []
+
+
 def test_the_check_reports_upward_and_sideways_imports(tmp_path: Path) -> None:
     for folder, source in {
         "training": "from ..inference.strategies import apply_strategy\nfrom ..distributed import unwrap\n",
-        "data": "from ..networks.memory import MemoryBank\n",
+        "data": "from ..networks.memory import MemoryBank\nimport scripts.segmentation.metrics\n",
         "networks": "from .memory import MemoryBank\n",
+        "segmentation": "import scripts.data.pool\nimport scripts.training.engines as engines\n",
     }.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "module.py").write_text(source)
     (tmp_path / "drawing.py").write_text("from scripts.training.visuals import TrainingCurves\n")
     assert violations(tmp_path) == [
         "data/module.py imports networks.memory",
+        "data/module.py imports segmentation.metrics",
         "drawing.py imports training.visuals",
+        "segmentation/module.py imports training.engines",
         "training/module.py imports inference.strategies",
+    ]
+
+
+def test_the_check_reports_configs_that_build_objects_of_a_higher_layer(tmp_path: Path) -> None:
+    (tmp_path / "train.json").write_text('{"a": {"_target_": "scripts.inference.strategies.strategy_inferer"}}')
+    (tmp_path / "inference.json").write_text('{"a": "$scripts.training.engines.EpisodicTrainer", "b": "scripts.errors"}')
+    (tmp_path / "evaluate.json").write_text('{"a": {"_target_": "scripts.segmentation.metrics.ClassGroupDice"}}')
+    assert config_violations(tmp_path) == [
+        "train.json uses scripts.inference.strategies.strategy_inferer",
+        "inference.json uses scripts.training.engines.EpisodicTrainer",
     ]

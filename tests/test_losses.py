@@ -8,8 +8,8 @@ from monai.losses import HausdorffDTLoss
 from torch import nn
 
 from scripts.errors import IrisInputError
+from scripts.segmentation.losses import DiceBCELoss, DiceFocalLoss, EpisodicLoss, FocalLoss, build_loss
 from scripts.training.handlers import LossWeightSchedule
-from scripts.training.losses import DiceBCELoss, DiceFocalLoss, EpisodicLoss, FocalLoss, build_loss
 
 VALID = torch.tensor([[True, True, False], [True, False, False]])  # B=2, K=3, three padded slots
 

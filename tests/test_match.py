@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from scripts.networks import build_iris_net
-from scripts.training.match import ReferenceMatch, choose_threshold, cycle_dice, match_rates
+from scripts.segmentation.match import ReferenceMatch, choose_threshold, cycle_dice, match_rates
 
 PATCH = (16, 16, 16)
 

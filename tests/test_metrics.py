@@ -9,8 +9,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.data.controls import control_dice, intensity_rule, position_rule
-from scripts.training.metrics import (
+from scripts.segmentation.controls import control_dice, intensity_rule, position_rule
+from scripts.segmentation.metrics import (
     AbsentClassFalsePositives,
     ClassGroupDice,
     KIndependence,

@@ -23,7 +23,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from scripts.networks import build_iris_net, extra_state
-from scripts.training.model_settings import bundle_version, training_settings
+from scripts.segmentation.model_io import bundle_version, training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"base_channels": 4, "num_heads": 4, "num_query_tokens": 3, "channel_multipliers": [1, 2, 4, 8]}

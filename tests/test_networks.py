@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from scripts.networks import build_iris_net, extra_state
 from scripts.networks.task_encoder import foreground_pooling, upsampling_adjoint
-from scripts.training.losses import DiceBCELoss
+from scripts.segmentation.losses import DiceBCELoss
 from scripts.training.optimizers import Lamb
 
 PATCH = (32, 32, 32)

@@ -15,6 +15,7 @@ import torch
 from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.data.episodes import EpisodeDataset, OneShotValidationDataset
 from scripts.data.pool import DatasetPool, DatasetPoolError
+from scripts.segmentation.controls import control_dice
 
 PATCH = (32, 32, 32)
 
@@ -179,7 +180,7 @@ def test_curriculum_goes_from_large_single_anchored_classes_to_full_episodes(poo
 
 def test_validation_cases_bring_one_reference_per_class(demo_dataset: Path, pool: DatasetPool) -> None:
     validation = DatasetPool([str(demo_dataset)], split="validation", num_workers=1)
-    dataset = OneShotValidationDataset(validation, pool, PATCH, seed=0)
+    dataset = OneShotValidationDataset(validation, pool, PATCH, seed=0, controls=control_dice)
     case = dataset[0]
     k = len(case["class_ids"])
     assert k == len({pool.class_names[i] for i in case["class_ids"].tolist()})  # every class with a reference

@@ -321,7 +321,7 @@ def test_2d_query_gives_a_2d_mask_in_its_format(prepared: dict[str, Path], tmp_p
 def test_presets_overlay_train_json(preset: str) -> None:
     from monai.bundle import ConfigParser
 
-    from scripts.training.losses import FocalLoss
+    from scripts.segmentation.losses import FocalLoss
 
     path = REPO_ROOT / "bundle" / "configs" / "presets" / f"{preset}.json"
     assert path.read_text() == json.dumps(json.loads(path.read_text()), indent=4) + "\n"

@@ -18,7 +18,7 @@ from scripts.data.planning import PoolGeometry, check_field_of_view, field_of_vi
 from scripts.data.pool import DatasetPool
 from scripts.data.transforms import intensity_normalization, normalisation
 from scripts.networks import build_iris_net
-from scripts.training.model_settings import ModelSettingsError, check_requested, model_modality, training_settings
+from scripts.segmentation.model_io import ModelSettingsError, check_requested, model_modality, training_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PATCH = (32, 32, 32)

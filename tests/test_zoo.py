@@ -190,7 +190,7 @@ def test_the_packed_bundle_downloads_loads_and_runs_the_cards_inference(demo_dat
     """The release archive, unpacked by ``monai.bundle download --url file://...``, loads with ``monai.bundle.load``
     (state dict values are tensors, as copy_model_state needs) and runs the model card's inference command."""
     torch.manual_seed(0)
-    from scripts.training.model_settings import training_settings
+    from scripts.segmentation.model_io import training_settings
 
     settings = training_settings([str(demo_dataset)], [32, 32, 32], None)
     net = build_iris_net(**TINY, settings=settings, memory_classes=["IrisDemo/fluid_round", "IrisDemo/soft_lobed"])

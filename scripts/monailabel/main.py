@@ -41,7 +41,7 @@ class IrisApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = IrisSettings.from_conf(app_dir, conf)  # puts the bundle's ``scripts`` on sys.path
         from scripts.errors import IrisInputError, install
-        from scripts.training.model_settings import bundle_version
+        from scripts.segmentation.model_io import bundle_version
 
         install()  # user errors in the log in one line
         self.input_error = IrisInputError

@@ -16,7 +16,6 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
-from .controls import control_dice
 from .derived_classes import DerivedClass
 from .patches import binary_masks, bounding_box_centre, crop_around, patch_shape
 from .pool import DatasetPool, DatasetPoolError, Subject
@@ -452,7 +451,7 @@ class OneShotValidationDataset(Dataset):
     (``class_present`` False), so that false positives on absent classes are measured too. Each reference is a patch
     centred on its class's bounding box in a training subject, as inference crops references; they are fixed by
     ``seed``, so every validation run sees the same cases. With ``controls``, each case also carries the Dice of the
-    trivial rules of :mod:`scripts.controls` with the same references (computed once, NaN for absent classes).
+    trivial rules with the same references (computed once, NaN for absent classes).
 
     Items: ``query_image`` 1 x D x H x W, ``query_mask`` K x D x H x W (uint8), ``support_image`` K x 1 x 1 x P,
     ``support_mask`` K x 1 x 1 x P (uint8, each class with its own reference, as in training episodes),
@@ -463,7 +462,9 @@ class OneShotValidationDataset(Dataset):
         reference_pool: training subjects to draw references from (same datasets, by name).
         patch_size: size of the reference patch, the training patch size.
         seed: seed of the reference draw.
-        controls: score the trivial rules (a few ms per class and case, once).
+        controls: scores the trivial rules, ``(query_image, query_label, references, values) -> K x 2``
+            (:func:`scripts.segmentation.controls.control_dice`, passed in by the configs, as data sits below the
+            layer that scores); None leaves ``control_dice`` out.
     """
 
     def __init__(
@@ -472,7 +473,7 @@ class OneShotValidationDataset(Dataset):
         reference_pool: DatasetPool,
         patch_size: Sequence[int],
         seed: int = 0,
-        controls: bool = True,
+        controls: Callable[..., np.ndarray] | None = None,
     ):
         self.pool = data
         self.reference_pool = reference_pool
@@ -523,10 +524,10 @@ class OneShotValidationDataset(Dataset):
             "class_ids": torch.tensor([names.index(info.class_name(v)) for v in values]),
             "class_present": present,
         }
-        if self.controls:
+        if self.controls is not None:
             if index not in self._control_dice:
                 references = [tuple(volume[0].numpy() for volume in reference.volumes()) for reference in references]
-                scores = control_dice(image[0].numpy(), label[0].numpy(), references, values)
+                scores = self.controls(image[0].numpy(), label[0].numpy(), references, values)
                 self._control_dice[index] = torch.as_tensor(scores, dtype=torch.float32)
             item["control_dice"] = self._control_dice[index]
         return item

@@ -28,11 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..data.controls import CONTROLS, control_dice
 from ..data.pool import DatasetPool, Subject
 from ..distributed import gather_objects, is_main_process, rank, world_size
-from ..training.match import cycle_dice, match_rates
-from ..training.metrics import (
+from ..segmentation.controls import CONTROLS, control_dice
+from ..segmentation.inferers import InContextInferer
+from ..segmentation.match import cycle_dice, match_rates
+from ..segmentation.metrics import (
     absent_fraction,
     binary_predictions,
     k_dice_change,
@@ -40,14 +41,13 @@ from ..training.metrics import (
     off_diagonal,
     wrong_reference_dice,
 )
-from ..training.model_settings import load_model, read_model_settings
-from .inferers import InContextInferer
+from ..segmentation.model_io import load_model, read_model_settings
+from ..segmentation.support import Reference
+from ..segmentation.task_embeddings import encode_references, one_shot
 from .strategies import TaskInputs, apply_strategy, strategy_inferer
-from .support import Reference
-from .task_embeddings import encode_references, one_shot
 
 logger = logging.getLogger(__name__)
-METRICS = ("dice", "label_map_dice", "hd95", "nsd")  # label_map_dice: see scripts.training.metrics
+METRICS = ("dice", "label_map_dice", "hd95", "nsd")  # label_map_dice: see scripts.segmentation.metrics
 
 
 @dataclass
@@ -127,7 +127,7 @@ class KShotEvaluation:
         self.k_independence_cases = k_independence_cases
         self.mean_voxels = train_pool.mean_class_voxels()
         self.usage = {"patch_size": list(self.patch_size), "target_spacing": val_pool.target_spacing}
-        self.match_threshold: float | None = None  # the model's (see scripts.training.match), read in run()
+        self.match_threshold: float | None = None  # the model's (see scripts.segmentation.match), read in run()
 
     @torch.no_grad()
     def _score(
@@ -139,7 +139,7 @@ class KShotEvaluation:
             Dice, label-map Dice, HD95 and NSD of each class the subject holds (by name; the subject's spacing is the
             resampled one), the wrong-reference Dice of every ordered pair of those classes, and the voxels predicted
             for each class it does not hold as a fraction of that class's mean volume, in the class's own channel and
-            in the label map of all requested classes (see :func:`scripts.training.metrics.binary_predictions`).
+            in the label map of all requested classes (see :func:`scripts.segmentation.metrics.binary_predictions`).
         """
         pred = logits > 0
         label_map = binary_predictions(logits[None], torch.arange(len(values))[None], "label_map")[0]

@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 
 from ..data.image_io import LoadImagesd
 from ..drawing import overlay_panels, preview
-from .inferers import InContextInferer
+from ..segmentation.inferers import InContextInferer
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import IrisInputError
-from .inferers import InContextInferer, RetrievalInferer
-from .support import Reference
-from .task_embeddings import ensemble, memory, one_shot, tune, tuning_patches
+from ..segmentation.inferers import InContextInferer, RetrievalInferer
+from ..segmentation.support import Reference
+from ..segmentation.task_embeddings import ensemble, memory, one_shot, tune, tuning_patches
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TaskInputs:
         patch_size: the training patch size, as references are encoded.
         references: each class's references (empty for strategies without references).
         per_reference: R x K x T x C embeddings of each reference, with ``present`` (R x K) marking the slots that
-            hold one (see :func:`scripts.inference.task_embeddings.encode_references`); None without references.
+            hold one (see :func:`scripts.segmentation.task_embeddings.encode_references`); None without references.
         tuning_steps, tuning_lr, on_tuning_step: in-context tuning schedule, and a ``(step, loss)`` callback.
         retrieval_top_k: references averaged per class by retrieval.
     """
@@ -104,5 +104,6 @@ def apply_strategy(name: str, task: TaskInputs, inferer: InContextInferer) -> to
     if not isinstance(inferer, strategy.inferer):
         raise TypeError(f"Strategy '{name}' needs a {strategy.inferer.__name__}, got a {type(inferer).__name__}.")
     embeddings = strategy.embed(task)
-    inferer.use_task(embeddings, task)
+    references = None if task.per_reference is None else (task.per_reference, task.present)
+    inferer.use_task(embeddings, references, task.retrieval_top_k)
     return embeddings

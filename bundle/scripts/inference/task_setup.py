@@ -14,11 +14,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..distributed import unwrap
 from ..errors import IrisInputError
-from ..training.match import ReferenceMatch
-from .inferers import InContextInferer
+from ..segmentation.inferers import InContextInferer
+from ..segmentation.match import ReferenceMatch
+from ..segmentation.support import SupportSetError, load_references
+from ..segmentation.task_embeddings import encode_references
 from .strategies import TaskInputs, apply_strategy, get_strategy
-from .support import SupportSetError, load_references
-from .task_embeddings import encode_references
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TaskSetupHandler:
         tuning_steps, tuning_lr: in-context tuning schedule.
         retrieval_top_k: references averaged per class by the retrieval strategy.
         in_channels: the network's image channels (RGB references are converted to match).
-        match_threshold: the model's match threshold (see :mod:`scripts.training.match`): with references, every
+        match_threshold: the model's match threshold (see :mod:`scripts.segmentation.match`): with references, every
             query's objects are scored against each class's first reference, and those below it get a warning.
         drop_warned: leave classes with a warning out of the label map.
     """

@@ -26,7 +26,7 @@ class IrisNet(nn.Module):
         mask_decoder: query features + task embeddings -> logits.
         memory_bank: optional class memory used when no task embeddings are given.
         settings: how the network was built and trained and how it must be used (network hyper-parameters, patch size,
-            spacing, datasets with their modality and classes; see :mod:`scripts.training.model_settings`). They are
+            spacing, datasets with their modality and classes; see :mod:`scripts.segmentation.model_io`). They are
             the module's extra state (a tensor, see :mod:`.extra_state`), so every state dict (``model.pt``, a
             training checkpoint's ``network``) carries them.
         adopt_saved_settings: let :meth:`load_state_dict` first rebuild the network to the size a state dict
@@ -204,7 +204,7 @@ def build_iris_net(
     (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck). ``memory_classes`` reserves memory-bank rows
     for the classes of the weights to be loaded, so the query-only forward has their channels before loading.
     The network records its hyper-parameters, with ``settings`` (what training knows: patch size, spacing, datasets),
-    in every state dict it saves (see :mod:`scripts.training.model_settings`); ``adopt_saved_settings``: see
+    in every state dict it saves (see :mod:`scripts.segmentation.model_io`); ``adopt_saved_settings``: see
     :class:`IrisNet`.
     """
     if base_channels < 1 or num_query_tokens < 1:

@@ -13,8 +13,8 @@ from ignite.engine import Engine, Events
 from ..atomic import atomic_save
 from ..errors import IrisInputError
 from ..networks import extra_state
+from ..segmentation.model_io import load_network_state
 from .checkpoints import periodic_checkpoints
-from .model_settings import load_network_state
 
 logger = logging.getLogger(__name__)
 AVERAGED_MODEL = "model_averaged.pt"

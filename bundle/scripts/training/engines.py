@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..distributed import unwrap
-from .metrics import k_dice_change
+from ..segmentation.metrics import k_dice_change
 
 REQUIRED_KEYS = ("support_image", "support_mask", "query_image", "query_mask", "class_ids")
 

@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data.pool import DatasetPool
 from ..distributed import is_main_process, unwrap
 from ..errors import IrisInputError
-from .metrics import AbsentClassFalsePositives, ClassGroupDice
+from ..segmentation.metrics import AbsentClassFalsePositives, ClassGroupDice
 
 logger = logging.getLogger(__name__)
 

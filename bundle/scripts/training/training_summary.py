@@ -16,9 +16,9 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_write_text
 from ..data.pool import DatasetPool
+from ..segmentation.model_io import bundle_version
 from .averaging import AVERAGED_MODEL
 from .checkpoints import periodic_checkpoints
-from .model_settings import bundle_version
 
 RUN_KEYS = ("iteration", "wall_time_seconds", "learning_rate")  # the keys of a metrics.jsonl line that are no metric
 

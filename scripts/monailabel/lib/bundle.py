@@ -52,7 +52,7 @@ class IrisSettings:
     """Where the bundle and the weights are, and the bundle ids the app overrides.
 
     The network size, patch size, spacing and modality come from the weights themselves (see the bundle's
-    ``scripts/training/model_settings.py``); ``--conf`` values that contradict them are refused.
+    ``scripts/segmentation/model_io.py``); ``--conf`` values that contradict them are refused.
 
     Args:
         bundle_root: the IRIS bundle folder.
@@ -110,7 +110,7 @@ class IrisSettings:
 
     def model_settings(self) -> dict[str, Any]:
         """What the active weights record about themselves (network size, patch size, classes, ...)."""
-        from scripts.training.model_settings import read_model_settings
+        from scripts.segmentation.model_io import read_model_settings
 
         return read_model_settings(self.active_checkpoint())
 

@@ -31,10 +31,10 @@ import torch
 from ignite.metrics import Metric
 from monai.metrics import compute_dice
 
-from ..data.controls import CONTROLS
 from ..data.patches import bounding_box_centre, crop_patch
 from ..data.transforms import label_map
 from ..distributed import gather_objects
+from .controls import CONTROLS
 
 GROUPS = ("seen", "held_out", "all")
 SCORES = ("model", *CONTROLS)

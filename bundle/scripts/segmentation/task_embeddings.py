@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.losses import DiceBCELoss
+from .losses import DiceBCELoss
 from .support import Reference
 
 

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
-from ..training.match import ReferenceMatch
+from .match import ReferenceMatch
 from .mirroring import check_mirror_axes, mirrored
 from .task_embeddings import retrieve
-
-if TYPE_CHECKING:
-    from .strategies import TaskInputs
 
 
 class VolumeSlidingWindowInferer(SlidingWindowInferer):
     """MONAI's sliding-window inferer whose windows have depth 1 on single-slice (2D) inputs, and whose windows can
-    be segmented mirrored too (``mirror_axes``, see :mod:`scripts.inference.mirroring`).
+    be segmented mirrored too (``mirror_axes``, see :mod:`scripts.segmentation.mirroring`).
 
     A 2D image (B x C x H x W x 1) would otherwise be zero-padded to the full window depth, which the network never
     saw in training, where 2D patches have depth 1.
@@ -61,7 +57,7 @@ class InContextInferer(Inferer):
             label map is all that is needed (MONAI stitches in the input's dtype, so the volume is cast to it and each
             window back to the network's dtype); None keeps the input's dtype.
         mirror_axes: spatial axes whose mirrorings are averaged with every window (``2 ** len(mirror_axes)`` network
-            passes, see :mod:`scripts.inference.mirroring`); empty for one pass.
+            passes, see :mod:`scripts.segmentation.mirroring`); empty for one pass.
     """
 
     def __init__(
@@ -107,8 +103,11 @@ class InContextInferer(Inferer):
         """Use ``embeddings`` (1 x K x T x C) for every following query; None means the memory bank."""
         self.task_embeddings = embeddings
 
-    def use_task(self, embeddings: torch.Tensor, task: TaskInputs) -> None:
-        """Take a strategy's result (see :func:`scripts.inference.strategies.apply_strategy`): its embeddings."""
+    def use_task(
+        self, embeddings: torch.Tensor, references: tuple[torch.Tensor, torch.Tensor] | None = None, top_k: int = 1
+    ) -> None:
+        """Take a strategy's result (see :func:`scripts.inference.strategies.apply_strategy`): its embeddings; the
+        per-reference embeddings and ``top_k`` serve retrieval only."""
         self.set_task(embeddings)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
@@ -149,9 +148,12 @@ class RetrievalInferer(InContextInferer):
         self.references: tuple[torch.Tensor, torch.Tensor] | None = None
         self.top_k = 1
 
-    def use_task(self, embeddings: torch.Tensor, task: TaskInputs) -> None:
-        """First pass with ``embeddings``; then retrieve per query among the task's reference embeddings."""
-        self.references, self.top_k = (task.per_reference, task.present), task.retrieval_top_k
+    def use_task(
+        self, embeddings: torch.Tensor, references: tuple[torch.Tensor, torch.Tensor] | None = None, top_k: int = 1
+    ) -> None:
+        """First pass with ``embeddings``; then retrieve per query among ``references`` (R x K x T x C embeddings of
+        each reference, R x K slots that hold one)."""
+        self.references, self.top_k = references, top_k
         self.set_task(embeddings)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:

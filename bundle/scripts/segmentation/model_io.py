@@ -12,7 +12,7 @@
         "datasets": {"IrisDemo": {"modality": "CT", "labels": {"fluid_round": 1, ...}, "held_out": [...]}},
         "bundle_version": "0.5.0",
         "selection": {"metric": "val_seen_dice", "value": 0.66, "iteration": 3200},  # model.pt only
-        "match": {"threshold": 0.62, ...},    # model.pt only: the match check's threshold (scripts.training.match)
+        "match": {"threshold": 0.62, ...},    # model.pt only: the match check's threshold (scripts.segmentation.match)
     }
 
 The configs read them with :func:`read_model_settings` (each id keeps a default for a model that records none) and
