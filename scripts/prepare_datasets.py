@@ -39,7 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.atomic import atomic_write_text  # noqa: E402
-from scripts.data.image_io import PLANAR_SUFFIXES, LoadImagesd, is_planar  # noqa: E402
+from scripts.data.image_io import PLANAR_SUFFIXES, LoadImagesd, is_planar, quiet_nvimagecodec_notices  # noqa: E402
 from scripts.data.pool import check_subject  # noqa: E402
 
 FORMATS = ("msd", "nnunet", "folder", "folder2d")
@@ -269,6 +269,7 @@ def prepare(
 
 
 if __name__ == "__main__":
+    quiet_nvimagecodec_notices()
     try:
         fire.Fire(prepare, serialize=str)
     except PreparationError as error:

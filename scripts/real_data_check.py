@@ -59,7 +59,7 @@ BUNDLE = REPO / "bundle"
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(BUNDLE))
 
-from scripts.data.image_io import LoadImagesd  # noqa: E402
+from scripts.data.image_io import LoadImagesd, quiet_nvimagecodec_notices  # noqa: E402
 from scripts.data.pool import DatasetInfo, read_dataset_json  # noqa: E402
 from scripts.data.transforms import intensity_normalization  # noqa: E402
 from scripts.drawing import annotated, overlay_panels, palette_colour  # noqa: E402
@@ -390,4 +390,5 @@ def check(
 
 
 if __name__ == "__main__":
+    quiet_nvimagecodec_notices()
     fire.Fire(check)

@@ -19,7 +19,8 @@ from monai.bundle import run
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
-from scripts.data.image_io import LoadImagesd  # noqa: E402
+from scripts.data.image_io import LoadImagesd, quiet_nvimagecodec_notices  # noqa: E402
+from scripts.errors import install  # noqa: E402
 
 
 def _pairs(support: str | list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -63,4 +64,6 @@ def segment(
 
 
 if __name__ == "__main__":
+    install()  # user errors end the command with their one-line message
+    quiet_nvimagecodec_notices()
     fire.Fire(segment)

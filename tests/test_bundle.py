@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -104,9 +105,26 @@ def test_configs_are_indented_json() -> None:
         assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name} is not 4-space indented JSON"
 
 
-@pytest.mark.slow
-def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
-    ckpt_dir, output_dir = tmp_path / "models", tmp_path / "logs"
+@dataclass(frozen=True)
+class TrainedRun:
+    """Where the shared end-to-end training run wrote its models and logs, and what it printed."""
+
+    ckpt_dir: Path
+    output_dir: Path
+    logs: str
+
+
+REFERENCE_FOLLOWING = ["val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "val_absent_class_fp"]
+LABEL_MAP = ["val_label_map_seen_dice", "val_label_map_held_out_dice", "val_label_map_absent_class_fp"]
+CONTROL_DICE = {f"{rule}_rule_{group}_dice" for rule in ("intensity", "position") for group in ("seen", "held_out")}
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One ``monai.bundle run training`` of 4 iterations (validation and checkpoints every 2, MLflow tracking, the last
+    2 checkpoints averaged), shared by the end-to-end tests below, which each check one part of what it wrote."""
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    ckpt_dir, output_dir = run_dir / "models", run_dir / "logs"
     command = [
         sys.executable, "-m", "monai.bundle", "run", "training",
         "--config_file", "['bundle/configs/train.json','bundle/configs/demo.json']",
@@ -119,24 +137,39 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
-    logs = result.stdout + result.stderr
-    reference_following = ["val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "val_absent_class_fp"]
+    return TrainedRun(ckpt_dir, output_dir, result.stdout + result.stderr)
+
+
+def _trained_net(run: TrainedRun) -> torch.nn.Module:
+    """The trained ``model.pt`` loaded into a network of the run's size."""
+    net = build_iris_net(base_channels=4, num_query_tokens=8, num_heads=4, channel_multipliers=(1, 2, 4, 8))
+    net.load_state_dict(torch.load(run.ckpt_dir / "model.pt", weights_only=True))
+    return net
+
+
+@pytest.mark.slow
+def test_training_logs_final_validation_label_map_and_trivial_rules(trained_run: TrainedRun) -> None:
+    logs = trained_run.logs
     final_line = next(line for line in logs.splitlines() if "Final 1-shot validation after 4 iterations" in line)
-    assert all(name in final_line for name in [*reference_following, "k_independence"])
-    label_map = ["val_label_map_seen_dice", "val_label_map_held_out_dice", "val_label_map_absent_class_fp"]
+    assert all(name in final_line for name in [*REFERENCE_FOLLOWING, "k_independence"])
     label_map_line = next(line for line in logs.splitlines() if "As one label map of every requested class" in line)
-    assert all(name in label_map_line for name in label_map) and not any(name in final_line for name in label_map)
+    assert all(name in label_map_line for name in LABEL_MAP) and not any(name in final_line for name in LABEL_MAP)
     rules_line = next(line for line in logs.splitlines() if "Trivial rules on the same cases:" in line)
     assert all(
         f"{rule}_rule_{group}_dice" in rules_line
         for rule in ("intensity", "position")
         for group in ("seen", "held_out")
     )
+    assert "Validation at iteration 2: " in logs
+    assert "Training from iteration 0 to 4" in logs and "Training finished in" in logs
+    assert "Engine run resuming" not in logs and "Epoch[" not in logs  # ignite's epoch wording, meaningless here
 
-    report = json.loads((output_dir / "validation_report.json").read_text())
+
+@pytest.mark.slow
+def test_validation_report_lists_every_metric_and_per_class_scores_by_group(trained_run: TrainedRun) -> None:
+    report = json.loads((trained_run.output_dir / "validation_report.json").read_text())
     assert report["iteration"] == 4
-    controls = {f"{rule}_rule_{group}_dice" for rule in ("intensity", "position") for group in ("seen", "held_out")}
-    assert set(report["mean"]) == {*reference_following, "k_independence", *label_map, *controls}
+    assert set(report["mean"]) == {*REFERENCE_FOLLOWING, "k_independence", *LABEL_MAP, *CONTROL_DICE}
     held_out = report["per_class"]["val_held_out_dice"]
     assert held_out and all(name.split("/")[1] in HELD_OUT_LABELS for name in held_out)
     assert not set(report["per_class"]["val_seen_dice"]) & set(held_out)
@@ -144,60 +177,81 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert absent and all(value >= 0 for value in absent.values())
     assert report["mean"]["val_absent_class_fp"] <= max(absent.values()) + 1e-6
 
-    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    net = build_iris_net(base_channels=4, num_query_tokens=8, num_heads=4, channel_multipliers=(1, 2, 4, 8))
-    net.load_state_dict(state)
+
+@pytest.mark.slow
+def test_best_model_has_a_memory_bank_of_the_seen_classes_only(trained_run: TrainedRun) -> None:
+    net = _trained_net(trained_run)
     assert net.memory_bank.class_names and all(n.startswith("IrisDemo/") for n in net.memory_bank.class_names)
     assert not set(net.memory_bank.class_names) & {f"IrisDemo/{name}" for name in HELD_OUT_LABELS}
 
+
+@pytest.mark.slow
+def test_training_curves_and_metrics_lines_follow_the_validations(trained_run: TrainedRun) -> None:
+    output_dir = trained_run.output_dir
     curves = json.loads((output_dir / "training_curves.json").read_text())
     assert curves["iteration"] == [2, 4] and all(np.isfinite(curves["loss"])) and len(curves["lr"]) == 2
     assert [v["iteration"] for v in curves["validation"]][:2] == [2, 4]
     assert Image.open(output_dir / "training_curves.png").size[0] > 0
-
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [2, 4] and all("val_seen_dice" in line for line in lines)
     assert 0 < lines[0]["wall_time_seconds"] < lines[1]["wall_time_seconds"]
+
+
+@pytest.mark.slow
+def test_training_summary_records_metrics_learning_rate_checkpoints_data_and_versions(trained_run: TrainedRun) -> None:
+    ckpt_dir, output_dir = trained_run.ckpt_dir, trained_run.output_dir
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["iterations"] == 4 and summary["resumed_from_iteration"] == 0 and summary["wall_time_seconds"] > 0
     seen = summary["metrics"]["val_seen_dice"]
     assert seen["final"] == lines[-1]["val_seen_dice"] and seen["best"] == max(line["val_seen_dice"] for line in lines)
     assert 0 < summary["learning_rate"]["min"] <= summary["learning_rate"]["max"]
     assert summary["checkpoints"]["best_model"] == str(ckpt_dir / "model.pt") and summary["checkpoints"]["periodic"]
+    assert summary["checkpoints"]["averaged_model"] == str(ckpt_dir / "model_averaged.pt")
     assert summary["data_pool"]["training"][0]["name"] == "IrisDemo" and summary["data_pool"]["training"][0]["subjects"]
     assert summary["versions"]["bundle"] == bundle_version()
 
+
+@pytest.mark.slow
+def test_class_embedding_map_is_drawn_at_the_end_and_by_the_plot_script(
+    trained_run: TrainedRun, tmp_path: Path
+) -> None:
+    output_dir = trained_run.output_dir
     similarity = list(csv.reader((output_dir / "class_similarity.csv").open()))  # the class-embedding map
     assert similarity[0][1:] and all(name.startswith("IrisDemo/") for name in similarity[0][1:])
     assert all(float(row[1 + i]) > 0.999 for i, row in enumerate(similarity[1:]))  # each class with itself
     assert Image.open(output_dir / "class_embeddings_pca.png").size[0] >= 512
+    model = trained_run.ckpt_dir / "model.pt"
     plotted = subprocess.run(
-        [sys.executable, "scripts/plot_embeddings.py", "--model", str(ckpt_dir / "model.pt"), "--out", str(tmp_path)],
+        [sys.executable, "scripts/plot_embeddings.py", "--model", str(model), "--out", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=os.environ,
     )  # fmt: skip
     assert plotted.returncode == 0, plotted.stderr[-3000:]
     assert (tmp_path / "class_embeddings_pca.png").is_file() and (tmp_path / "class_similarity.csv").is_file()
 
+
+@pytest.mark.slow
+def test_tensorboard_and_mlflow_record_the_run(trained_run: TrainedRun) -> None:
+    output_dir = trained_run.output_dir
     assert len(list(output_dir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer for every handler
     events = EventAccumulator(str(output_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert {"val_overlay/0", "val_overlay/1"} <= set(events.Tags()["images"])
-    assert {"train_loss", "learning_rate", *reference_following} <= set(events.Tags()["scalars"])
+    assert {"train_loss", "learning_rate", *REFERENCE_FOLLOWING} <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("val_seen_dice")] == [2, 4]  # validations at their iterations
-    assert "Validation at iteration 2: " in logs
-    assert "Training from iteration 0 to 4" in logs and "Training finished in" in logs
-    assert "Engine run resuming" not in logs and "Epoch[" not in logs  # ignite's epoch wording, meaningless here
-
     tracking = mlflow.tracking.MlflowClient(path_to_sqlite_uri(str(output_dir / "mlruns.db")))
     runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
     assert runs and len(tracking.get_metric_history(runs[0].info.run_id, "train_loss")) == 4
 
+
+@pytest.mark.slow
+def test_checkpoints_and_model_settings_describe_the_run(trained_run: TrainedRun) -> None:
+    ckpt_dir = trained_run.ckpt_dir
     periodic = sorted(ckpt_dir.glob("checkpoint*.pt"))
     assert periodic, list(ckpt_dir.iterdir())
     checkpoint = torch.load(periodic[-1], weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer", "best_model"} <= set(checkpoint)
     assert checkpoint["trainer"]["iteration"] in (2, 4)
-
     # the model describes itself, and the next commands need no size flags
     settings = read_model_settings(ckpt_dir / "model.pt")
     assert settings["base_channels"] == 4 and settings["channel_multipliers"] == [1, 2, 4, 8]
@@ -207,19 +261,30 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
     assert settings["selection"]["metric"] == "val_seen_dice" and settings["selection"]["iteration"] in (2, 4)
     # the match threshold, chosen on training subjects when training ended, and what it does on validation subjects
     assert 0.0 <= settings["match"]["threshold"] <= 1.0 and settings["match"]["true_objects"] > 0
+    report = json.loads((trained_run.output_dir / "validation_report.json").read_text())
     assert set(report["match"]) == {"training", "validation"}
     assert report["match"]["training"]["threshold"] == settings["match"]["threshold"]
     assert read_model_settings(periodic[-1])["base_channels"] == 4  # training checkpoints too
+
+
+@pytest.mark.slow
+def test_averaged_model_is_the_mean_of_the_last_two_checkpoints(trained_run: TrainedRun) -> None:
+    ckpt_dir = trained_run.ckpt_dir
+    periodic = sorted(ckpt_dir.glob("checkpoint*.pt"))
     averaged = torch.load(ckpt_dir / "model_averaged.pt", weights_only=True)  # the mean of the last 2 checkpoints
     last_two = [torch.load(path, weights_only=True)["network"] for path in periodic[-2:]]
     name = "encoder.stages.0.0.conv1.conv.weight"
     torch.testing.assert_close(averaged[name], (last_two[0][name] + last_two[1][name]) / 2)
-    assert summary["checkpoints"]["averaged_model"] == str(ckpt_dir / "model_averaged.pt")
+
+
+@pytest.mark.slow
+def test_inference_with_the_averaged_model_writes_each_class_at_its_label_value(
+    trained_run: TrainedRun, demo_dataset: Path, tmp_path: Path
+) -> None:
     query = json.loads(demo_dataset.read_text())["validation"][0]["image"]
-    monai_bundle = [sys.executable, "-m", "monai.bundle"]
-    infer = [*monai_bundle, "run", "--config_file", "bundle/configs/inference.json", "--bundle_root", "bundle"]
-    infer += ["--ckpt_path", str(ckpt_dir / "model_averaged.pt"), "--output_dir", str(tmp_path / "seg")]
-    infer += ["--query_images", json.dumps([str(demo_dataset.parent / query)])]
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json"]
+    infer += ["--bundle_root", "bundle", "--ckpt_path", str(trained_run.ckpt_dir / "model_averaged.pt")]
+    infer += ["--output_dir", str(tmp_path / "seg"), "--query_images", json.dumps([str(demo_dataset.parent / query)])]
     result = subprocess.run(infer, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list((tmp_path / "seg").glob("*_seg.nii.gz"))) == 1
@@ -229,14 +294,28 @@ def test_training_runs_end_to_end(demo_dataset: Path, tmp_path: Path) -> None:
         name: int(value) for value, name in ((v, f"IrisDemo/{n}") for v, n in labels.items()) if name in written
     }  # the memory strategy writes each class at its label value in the dataset
     assert "nvImageCodec" not in result.stdout + result.stderr
-    export = [*monai_bundle, "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts")]
-    export += ["--ckpt_file", str(ckpt_dir / "model.pt"), "--config_file", "configs/inference.json"]
-    export += ["--meta_file", "configs/metadata.json", "--bundle_root", ".", "--ckpt_path", str(ckpt_dir / "model.pt")]
+
+
+@pytest.mark.slow
+def test_torchscript_export_of_the_best_model_has_a_channel_per_memory_class(
+    trained_run: TrainedRun, tmp_path: Path
+) -> None:
+    model = str(trained_run.ckpt_dir / "model.pt")
+    export = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def"]
+    export += [
+        "--filepath",
+        str(tmp_path / "model.ts"),
+        "--ckpt_file",
+        model,
+        "--config_file",
+        "configs/inference.json",
+    ]
+    export += ["--meta_file", "configs/metadata.json", "--bundle_root", ".", "--ckpt_path", model]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "bundle")}
     result = subprocess.run(export, cwd=REPO_ROOT / "bundle", capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert torch.jit.load(str(tmp_path / "model.ts"))(torch.rand(1, 1, 32, 32, 32)).shape[1] == len(
-        net.memory_bank.class_names
+        _trained_net(trained_run).memory_bank.class_names
     )
 
 

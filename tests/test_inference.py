@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +18,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from scripts.data.image_io import query_files, unreadable_reason
+from scripts.data import image_io
+from scripts.data.image_io import QueryFilesError, query_files, quiet_nvimagecodec_notices, unreadable_reason
 from scripts.data.transforms import label_map
 from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
@@ -356,12 +359,32 @@ def test_broken_headers_and_short_data_are_found_before_loading(demo: dict, tmp_
     assert (
         "cut short" in reasons[str(tmp_path / "short.nii.gz")] and "cut short" in reasons[str(tmp_path / "short.nii")]
     )
+    with pytest.raises(QueryFilesError, match="or pass --skip_invalid True"):  # as the bundle's switches take it
+        query_files(str(tmp_path))
     assert unreadable_reason(demo["queries"][0]) is None
     (tmp_path / "whole.nii").write_bytes(good)
     assert unreadable_reason(tmp_path / "whole.nii") is None
     label = str(tmp_path / "short.nii.gz")  # a broken reference label is named before any reference is loaded
     with pytest.raises(SupportSetError, match=f"Unreadable support files: {label}: NIfTI data cut short"):
         load_references(demo["support_images"][:1], [label], CLASSES)
+
+
+def test_nvimagecodec_notices_are_dropped_once_asked_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    monkeypatch.setattr(plugin_log, "filters", [])
+    monkeypatch.setattr(image_io, "is_nvimgcodec_available", lambda: False)  # as on a machine without it
+    notice, other = (
+        plugin_log.makeRecord(plugin_log.name, logging.WARNING, __file__, 0, message, None, None)
+        for message in ("nvImageCodec is not available; skipping pydicom decoder plugin registration.", "other")
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_nvimagecodec_notices()
+        quiet_nvimagecodec_notices()  # entry points may call it twice
+        warnings.warn("NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register successfully.")
+        warnings.warn("another warning")
+    assert len(plugin_log.filters) == 1 and not plugin_log.filter(notice) and plugin_log.filter(other)
+    assert [str(warning.message) for warning in caught] == ["another warning"]
 
 
 def test_tuning_supervises_every_class_a_reference_labels(demo: dict, tmp_path: Path) -> None:

@@ -96,7 +96,9 @@ def test_the_check_reports_upward_and_sideways_imports(tmp_path: Path) -> None:
 
 def test_the_check_reports_configs_that_build_objects_of_a_higher_layer(tmp_path: Path) -> None:
     (tmp_path / "train.json").write_text('{"a": {"_target_": "scripts.inference.strategies.strategy_inferer"}}')
-    (tmp_path / "inference.json").write_text('{"a": "$scripts.training.engines.EpisodicTrainer", "b": "scripts.errors"}')
+    (tmp_path / "inference.json").write_text(
+        '{"a": "$scripts.training.engines.EpisodicTrainer", "b": "scripts.errors"}'
+    )
     (tmp_path / "evaluate.json").write_text('{"a": {"_target_": "scripts.segmentation.metrics.ClassGroupDice"}}')
     assert config_violations(tmp_path) == [
         "train.json uses scripts.inference.strategies.strategy_inferer",

@@ -11,9 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from scripts.data.demo_data import CLASS_NAMES, HELD_OUT_LABELS
 from scripts.data.episodes import EpisodeDataset, OneShotValidationDataset
+from scripts.data.patches import crop_patch
 from scripts.data.pool import DatasetPool, DatasetPoolError
 from scripts.segmentation.controls import control_dice
 
@@ -28,6 +30,26 @@ def pool(demo_dataset: Path) -> DatasetPool:
 def _copy_dataset(demo_dataset: Path, target: Path) -> Path:
     shutil.copytree(demo_dataset.parent, target)
     return target / "dataset.json"
+
+
+def test_crop_patch_keeps_the_centre_voxel_and_zero_pads_at_the_borders() -> None:
+    """Odd centres next to a border: the window ``centre - size // 2`` onwards, zeros outside the volume."""
+    volume = torch.arange(1, 61, dtype=torch.int16).reshape(1, 5, 4, 3)  # no zero inside the volume
+    patch = crop_patch(volume, (0, 3, 1), (3, 3, 2))  # window rows -1..1, 2..4, 0..1
+    assert patch.dtype == torch.int16 and patch.shape == (1, 3, 3, 2)
+    assert patch[0, 1, 1, 1] == volume[0, 0, 3, 1]  # the centre voxel at size // 2
+    assert torch.equal(patch[0, 1:, :2, :], volume[0, 0:2, 2:4, 0:2])
+    assert (patch[0, 0] == 0).all() and (patch[0, :, 2] == 0).all()  # above depth 0 and below row 3
+    assert torch.equal(patch, crop_patch(MetaTensor(volume), (0, 3, 1), (3, 3, 2)))
+    assert type(crop_patch(MetaTensor(volume), (0, 3, 1), (3, 3, 2))) is torch.Tensor
+    assert not crop_patch(volume, (9, 0, 0), (3, 1, 1)).any()  # the whole window past the last slice
+
+
+def test_crop_patch_of_a_single_slice_image_has_depth_one() -> None:
+    image = torch.rand(1, 5, 4, 1) > 0.5
+    patch = crop_patch(image, (4, 0, 0), (3, 3, 3))  # window rows 3..5, -1..1, the one slice
+    assert patch.dtype == torch.bool and patch.shape == (1, 3, 3, 1)
+    assert torch.equal(patch[0, :2, 1:], image[0, 3:5, 0:2]) and not patch[0, 2].any() and not patch[0, :, 0].any()
 
 
 def test_pool_reads_classes_and_held_out_names(pool: DatasetPool) -> None:

@@ -1,5 +1,5 @@
-"""IRIS in-context segmentation: the Python package that the bundle's configs import as ``scripts``."""
+"""IRIS in-context segmentation: the Python package that the bundle's configs import as ``scripts``.
 
-from .errors import install
-
-install()  # user errors end a command with their message, not a config traceback (see errors.py)
+Importing it changes nothing global: the entry points (the configs' run lists, ``scripts/segment.py``, the MONAI Label
+app) switch on the one-line error messages of :func:`scripts.errors.install` themselves.
+"""

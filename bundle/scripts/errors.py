@@ -2,8 +2,10 @@
 
 MONAI evaluates a bundle's configs inside expressions, so an error in the input reaches the console wrapped in
 hundreds of lines ending in ``Failed to evaluate ConfigExpression``. Errors the user can fix are raised as
-:class:`IrisInputError`; the hook below prints just the message, and the command exits with status 1. Any other
-exception, a bug, keeps its full traceback, as does every error with ``IRIS_TRACEBACK=1``.
+:class:`IrisInputError`; the hook below prints just the message, and the command exits with status 1. The entry points
+switch it on (:func:`install`: the configs' run lists, ``scripts/segment.py``, the MONAI Label app); importing the
+package does not. Any other exception, a bug, keeps its full traceback, as does every error with
+``IRIS_TRACEBACK=1``.
 """
 
 from __future__ import annotations

@@ -40,10 +40,12 @@ logger = logging.getLogger(__name__)
 class IrisApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = IrisSettings.from_conf(app_dir, conf)  # puts the bundle's ``scripts`` on sys.path
+        from scripts.data.image_io import quiet_nvimagecodec_notices
         from scripts.errors import IrisInputError, install
         from scripts.segmentation.model_io import bundle_version
 
         install()  # user errors in the log in one line
+        quiet_nvimagecodec_notices()
         self.input_error = IrisInputError
         self.default_names = {str(k): int(v) for k, v in (parse_setting(conf.get("labels", "{}")) or {}).items()}
         self.retrieval_top_k = int(conf.get("retrieval_top_k", "3"))

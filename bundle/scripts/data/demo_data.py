@@ -13,7 +13,7 @@ It is built to give an in-context model what real anatomy gives it, and to deny 
 - **held-out classes that are new structures**: each one combines a family and a texture that no training class has
   (fluid + striped, enhancing + rim, dense + mottled); they appear in training volumes only unlabelled.
 
-The trivial rules of :mod:`scripts.controls` score below 0.25 Dice on it (docs/training.md).
+The trivial rules of :mod:`scripts.segmentation.controls` score low on it (measured in docs/results.md).
 
 Everything is drawn from seeded ``numpy`` generators: the same seed writes the same bytes.
 """

@@ -65,7 +65,7 @@ class EpisodeDataset(Dataset):
         query_noise_std: standard deviation of the Gaussian noise added to the query.
         dataset_weights: sampling weight per dataset; None samples proportionally to dataset size.
         seed: base seed of every episode.
-        augmentation_kwargs: options of :func:`scripts.transforms.episode_augmentation`.
+        augmentation_kwargs: options of :func:`scripts.data.transforms.episode_augmentation`.
         self_support: let a class held by at most ``k_shot`` subjects train with a subject as its own support
             (another crop, augmented independently). For fine-tuning on the few volumes an annotator has labelled.
         episodes_per_iteration: episodes of one training iteration, over all ranks (the batch size times the number
@@ -183,7 +183,7 @@ class EpisodeDataset(Dataset):
             raise DatasetPoolError(
                 f"No trainable class appears in more than k_shot={self.k_shot} training subjects of the pool: "
                 "an episode needs a query and k_shot different support subjects sharing a class "
-                "(self_support=true lets a subject support itself)."
+                "(--self_support True lets a subject support itself)."
             )
         return usable
 

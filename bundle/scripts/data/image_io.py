@@ -99,6 +99,11 @@ class QueryFiles:
     files: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def data(self) -> list[dict[str, str]]:
+        """The files as a MONAI ``Dataset``'s items (``{"image": path}``)."""
+        return [{"image": path} for path in self.files]
+
 
 def query_files(queries: str | Sequence[str], skip_invalid: bool = False) -> QueryFiles:
     """The query images named by a glob, a folder, a file or a list of files, checked before any is segmented.
@@ -128,7 +133,7 @@ def query_files(queries: str | Sequence[str], skip_invalid: bool = False) -> Que
         listed = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
         if not skip_invalid:
             raise QueryFilesError(
-                f"Unreadable query images: {listed}. Fix or remove them, or pass --skip_invalid true."
+                f"Unreadable query images: {listed}. Fix or remove them, or pass --skip_invalid True."
             )
         logger.warning(f"Skipping unreadable query images: {listed}.")
     return QueryFiles([path for path in files if path not in unreadable], unreadable)
@@ -139,20 +144,21 @@ class _NvImageCodecNotice(logging.Filter):
         return "nvImageCodec is not available" not in record.getMessage()
 
 
+_NVIMAGECODEC_NOTICE = _NvImageCodecNotice()  # one instance, so that a second call adds no second filter
+
+
 def quiet_nvimagecodec_notices() -> None:
     """Drop exactly MONAI's notices that the optional nvImageCodec (GPU DICOM decoding) is missing.
 
     Every ``LoadImage`` registers the nvImageCodec DICOM reader, which then logs and warns that it falls back to
     pydicom, three times per command; pydicom reads DICOM as before, so the notices tell a user nothing to act on.
-    Nothing else is filtered.
+    Nothing else is filtered. Entry points call it: importing the package leaves the process's logging and warning
+    filters alone. Calling it again changes nothing.
     """
     if is_nvimgcodec_available():
         return
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(_NvImageCodecNotice())
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(_NVIMAGECODEC_NOTICE)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
-
-
-quiet_nvimagecodec_notices()
 
 
 class LoadImagesd(MapTransform):

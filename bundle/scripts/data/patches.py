@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.transforms import SpatialCrop, pad_nd
 from monai.utils import convert_to_tensor
 
 from .pool import Subject
@@ -29,18 +29,18 @@ def patch_shape(single_slice: bool, patch_size: Sequence[int]) -> tuple[int, ...
 
 def crop_patch(volume: torch.Tensor, center: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
     """Crop a C x D x H x W volume to ``patch_size`` (see :func:`patch_size_for`) around ``center``; the parts
-    outside the volume are zeros, so ``center`` is always the patch's centre voxel (``size // 2``)."""
+    outside the volume are zeros, so ``center`` is always the patch's centre voxel (``size // 2``).
+
+    MONAI's window (``SpatialCrop.compute_slices``) and ``pad_nd``, not the ``SpatialCrop(roi_center)`` transform: it
+    shifts a window that crosses the lower border, and its MetaTensor tracking would cost every patch of every episode.
+    """
     size = patch_size_for(volume, patch_size)
     starts = [int(c) - n // 2 for c, n in zip(center, size)]
-    inside = [
-        slice(min(max(start, 0), dim), min(max(start + n, 0), dim))
-        for start, n, dim in zip(starts, size, volume.shape[1:])
-    ]
+    inside = SpatialCrop.compute_slices(roi_start=starts, roi_end=[start + n for start, n in zip(starts, size)])
     piece = convert_to_tensor(volume, track_meta=False)[(slice(None), *inside)]
     before = [min(max(-start, 0), n) for start, n in zip(starts, size)]
-    after = [n - b - (s.stop - s.start) for n, b, s in zip(size, before, inside)]
-    padding = [width for pair in reversed(list(zip(before, after))) for width in pair]  # last axis first for F.pad
-    return F.pad(piece, padding)
+    after = [n - b - m for n, b, m in zip(size, before, piece.shape[1:])]
+    return pad_nd(piece, [(0, 0), *zip(before, after)])
 
 
 def bounding_box_centre(coords: np.ndarray | torch.Tensor) -> list[int]:
@@ -55,7 +55,11 @@ def crop_around(subject: Subject, center: Sequence[int], patch_size: Sequence[in
 
 
 def binary_masks(label: torch.Tensor, values: Sequence[int], num_slots: int) -> torch.Tensor:
-    """One binary channel per class value (K_max x D x H x W, uint8); slots beyond ``values`` stay empty."""
+    """One binary channel per class value (K_max x D x H x W, uint8); slots beyond ``values`` stay empty.
+
+    Not ``monai.networks.utils.one_hot``: it needs channel indices 0..K-1, and mapping arbitrary label values to
+    slots (other values to none) is this same loop.
+    """
     masks = torch.zeros((num_slots, *label.shape[1:]), dtype=torch.uint8)
     for slot, value in enumerate(values):
         masks[slot] = label[0] == value

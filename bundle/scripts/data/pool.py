@@ -55,7 +55,7 @@ class DatasetInfo:
 class Subject:
     """A preprocessed, validated subject: image C x D x H x W, label 1 x D x H x W, and where each class lies.
 
-    A 2D image is a single-slice volume (``W == 1``, see :class:`scripts.transforms.AddSliceAxisd`).
+    A 2D image is a single-slice volume (``W == 1``, see :class:`scripts.data.transforms.AddSliceAxisd`).
 
     The volumes are held in memory (``tensors``) or, with the disk cache, read from ``cache_file`` when used.
     """
@@ -180,6 +180,10 @@ class DatasetPool:
         self.target_spacing = target_spacing_or_native(target_spacing)
         if isinstance(dataset_files, (str, Path)):
             dataset_files = [dataset_files]
+        self._settings = {"dataset_files": list(dataset_files), "target_spacing": target_spacing,
+                          "min_class_voxels": min_class_voxels, "num_workers": num_workers,
+                          "skip_invalid": skip_invalid, "cache": cache, "cache_dir": cache_dir,
+                          "in_channels": in_channels}  # fmt: skip
         if not dataset_files:
             raise DatasetPoolError("data_pool is empty: give at least one dataset.json path.")
         self.datasets = [read_dataset_json(Path(path)) for path in dataset_files]
@@ -198,6 +202,10 @@ class DatasetPool:
         self._load = LoadImagesd(keys=("image", "label"))
         self.subjects = self._load_all(num_workers, skip_invalid)
         self._holders: dict[tuple[str, int], list[Subject]] | None = None
+
+    def with_split(self, split: str) -> DatasetPool:
+        """The pool of another split of the same datasets, with the same settings (validation next to training)."""
+        return DatasetPool(**{**self._settings, "split": split})
 
     @property
     def class_names(self) -> list[str]:

@@ -4,10 +4,10 @@ For each draw and each k, every class gets k references (training subjects conta
 that are encoded once; every validation subject is then segmented for all its classes with each strategy, and Dice,
 HD95 and surface Dice (NSD) are computed with ``monai.metrics``. Scores are averaged over subjects within a draw,
 then reported as mean and standard deviation over draws. Every class with references is requested in every subject,
-so the report also says whether the model follows its references (see :mod:`scripts.metrics`): the wrong-reference
-Dice and the false positives on absent classes per strategy and k, the k-independence of the decoder, and the Dice
-of the trivial rules of :mod:`scripts.controls` on the same subjects. Under torchrun each rank scores a share of the
-subjects and rank 0 writes the gathered results.
+so the report also says whether the model follows its references (see :mod:`scripts.segmentation.metrics`): the
+wrong-reference Dice and the false positives on absent classes per strategy and k, the k-independence of the decoder,
+and the Dice of the trivial rules of :mod:`scripts.segmentation.controls` on the same subjects. Under torchrun each
+rank scores a share of the subjects and rank 0 writes the gathered results.
 """
 
 from __future__ import annotations

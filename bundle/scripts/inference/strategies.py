@@ -92,8 +92,21 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-def strategy_inferer(strategy: str, **window_settings) -> InContextInferer:
-    """The inferer that ``strategy`` segments with, built with ``window_settings`` (see :class:`InContextInferer`)."""
+def default_strategy(
+    strategy: str | None, support_images: Sequence[str] = (), embeddings_file: str | None = None
+) -> str:
+    """``strategy`` if given; otherwise ``one_shot`` when there are references or saved embeddings, ``memory`` (the
+    model's own classes) when there are none."""
+    if strategy:
+        return strategy
+    return "one_shot" if support_images or embeddings_file else "memory"
+
+
+def strategy_inferer(strategy: str, exact_probabilities: bool = False, **window_settings) -> InContextInferer:
+    """The inferer that ``strategy`` segments with, built with ``window_settings`` (see :class:`InContextInferer`);
+    ``exact_probabilities`` stitches windows in the inputs' dtype (``stitch_dtype`` serves label maps only)."""
+    if exact_probabilities:
+        window_settings["stitch_dtype"] = None
     return get_strategy(strategy).inferer(**window_settings)
 
 

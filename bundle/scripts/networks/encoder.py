@@ -13,13 +13,14 @@ ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
 
 
 class ResidualEncoder(nn.Module):
-    """Five residual stages; stages 1-4 halve the resolution (stride 2).
+    """One residual stage per entry of ``channels`` (``len(channel_multipliers)`` in ``build_iris_net``); every stage
+    but the first halves the resolution (stride 2).
 
     A stride-2 convolution with kernel 3 keeps a depth of 1, so single-slice (2D) inputs pass unchanged in depth.
 
     Args:
         in_channels: image channels.
-        channels: output channels per stage, e.g. ``base * (1, 2, 4, 8, 10)``.
+        channels: output channels per stage, ``base_channels * channel_multipliers[i]``.
         blocks_per_stage: residual blocks per stage (the first one downsamples).
     """
 
@@ -45,7 +46,8 @@ class ResidualEncoder(nn.Module):
         """Encode ``x`` (N x in_channels x D x H x W).
 
         Returns:
-            Features of every stage, finest first; the last is the bottleneck (N x C x D/16 x H/16 x W/16).
+            Features of every stage, finest first; the last is the bottleneck, each spatial size halved (rounded up)
+            ``len(channels) - 1`` times.
         """
         features = []
         for stage in self.stages:

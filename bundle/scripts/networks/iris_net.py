@@ -48,6 +48,7 @@ class IrisNet(nn.Module):
         self.task_encoder = task_encoder
         self.mask_decoder = mask_decoder
         self.memory_bank = memory_bank
+        self.episode_embeddings: torch.Tensor | None = None  # of the last training episode (see forward)
         self.settings = dict(settings or {})
         self.adopt_saved_settings = adopt_saved_settings
 
@@ -143,7 +144,7 @@ class IrisNet(nn.Module):
         support_image: torch.Tensor | None = None,
         support_mask: torch.Tensor | None = None,
         class_valid: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """Segment ``query`` (B x in_channels x D x H x W).
 
         Args:
@@ -152,17 +153,18 @@ class IrisNet(nn.Module):
                 of the others (see :class:`MaskDecoder`).
             support_image, support_mask, class_valid: a training episode's references instead of
                 ``task_embeddings`` (see :meth:`encode_episodes`). The whole episode then goes through one forward,
-                so that a DistributedDataParallel wrapper sees every use of the parameters.
+                so that a DistributedDataParallel wrapper sees every use of the parameters; its B x K x T x C task
+                embeddings are kept, detached, as :attr:`episode_embeddings` for the memory bank's update.
 
         Returns:
-            B x K x D x H x W logits (sigmoid per class; classes may overlap); with a support set, also its
-            B x K x T x C task embeddings.
+            B x K x D x H x W logits (sigmoid per class; classes may overlap).
         """
         if not torch.jit.is_scripting() and support_image is not None:  # training; not in the TorchScript export
             if task_embeddings is not None or support_mask is None or class_valid is None:
                 raise ValueError("Give either task_embeddings or support_image, support_mask and class_valid.")
             embeddings = self.encode_episodes(support_image, support_mask, class_valid)
-            return self._decode(query, embeddings), embeddings
+            self.episode_embeddings = embeddings.detach()
+            return self._decode(query, embeddings)
         if task_embeddings is None:
             if self.memory_bank is None:
                 raise RuntimeError("This IrisNet has no memory bank: pass task_embeddings from encode_support.")

@@ -20,7 +20,7 @@ class UpBlock(nn.Module):
     The 1x1x1 projection runs at the coarse resolution before the (trilinear, so odd sizes and depth 1 work)
     upsampling, as nnU-Net's decoder reduces channels before concatenating: the block's first convolution then sees
     ``2 * skip_channels`` inputs instead of ``in_channels + skip_channels``, which makes the full-resolution block, the
-    costliest layer of a training step, a quarter cheaper (see docs/benchmarks.md). The projection is a per-voxel
+    costliest layer of a training step, cheaper (measured in docs/benchmarks.md). The projection is a per-voxel
     ``nn.Linear`` rather than a 1x1x1 convolution: cuDNN returned that convolution's weight gradient with strides
     that differ from the weight's, which DDP warns about and copies every step.
     """

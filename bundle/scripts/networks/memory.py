@@ -22,9 +22,10 @@ class MemoryBank(nn.Module):
     """EMA of each class's task embedding.
 
     Args:
-        num_tokens: tokens per embedding ``m + 1``.
+        num_tokens: tokens per embedding ``T``: the foreground token, the ``m`` context tokens and one prototype per
+            encoder stage but the bottleneck (``TaskEncoder.num_tokens``).
         embed_dim: token width ``C``.
-        momentum: EMA weight of the old value, ``T <- a*T + (1-a)*T_new`` (guide 0.9, paper 0.999).
+        momentum: EMA weight of the old value, ``e <- a*e + (1-a)*e_new`` (guide 0.9, paper 0.999).
         class_names: classes to reserve rows for (zero until first updated or loaded). A bundle lists the classes
             of its released weights here, so that ``net(x)`` of a fresh network already has their output channels.
     """
@@ -53,7 +54,7 @@ class MemoryBank(nn.Module):
     def forward(self) -> torch.Tensor:
         """Every stored embedding, K x T x C: the classes of the query-only forward (kept TorchScript-friendly)."""
         if self.embeddings.shape[0] == 0:
-            raise RuntimeError("The memory bank is empty: train with use_memory_bank=true or pass task embeddings.")
+            raise RuntimeError("The memory bank is empty: train with use_memory_bank=True or pass task embeddings.")
         return self.embeddings
 
     def get(self, names: Sequence[str] | None = None) -> torch.Tensor:

@@ -26,6 +26,9 @@ def intensity_rule(
 ) -> np.ndarray:
     """Largest connected component of the query voxels within the reference foreground's intensity percentiles.
 
+    scipy's ``ndimage.label``, not MONAI's ``get_largest_connected_component_mask``, which needs scikit-image (not a
+    bundle requirement).
+
     Args:
         reference_image, reference_mask: D x H x W reference intensities and binary mask of the class.
         query_image: D x H x W query intensities (preprocessed as the reference).

@@ -20,7 +20,6 @@ from ..data.patches import bounding_box_centre, crop_around, crop_patch
 from ..data.pool import DatasetPool
 from ..data.transforms import label_map
 
-
 WARNED_SHARE_OF_TRUE_OBJECTS = 0.05  # the threshold warns this share of the true objects of the training data
 
 

@@ -10,15 +10,16 @@ object". So besides the per-group Dice (:class:`ClassGroupDice`), validation mea
   not hold, as a fraction of that class's mean volume.
 - :class:`KIndependence`: the largest Dice change of a class decoded alone vs together with the query's other classes.
 - :class:`ClassGroupDice` with ``scores="intensity_rule"`` / ``"position_rule"``: the trivial rules of
-  :mod:`scripts.controls` on the same cases, to read the model's Dice against.
+  :mod:`scripts.segmentation.controls` on the same cases, to read the model's Dice against.
 
 The Dice and false-positive metrics score each class's own channel (``predictions="channels"``: logit > 0, as the
 class decodes alone) or the label map of all requested classes (``"label_map"``: each voxel goes to its most likely
 class if that one is above 0.5, as ``inference.json`` writes it), where a structure claimed by its own class's
 reference is no false positive of a similar one.
 
-Every metric reads the evaluator output of :class:`scripts.engines.EpisodicEvaluator` (``pred`` logits, ``label``
-masks, ``class_ids``, ``class_present``, ``control_dice``, ``k_dice_change``) and gathers its values over ranks.
+Every metric reads the evaluator output of :class:`scripts.training.engines.EpisodicEvaluator` (``pred`` logits,
+``label`` masks, ``class_ids``, ``class_present``, ``control_dice``, ``k_dice_change``) and gathers its values over
+ranks.
 """
 
 from __future__ import annotations
@@ -291,3 +292,31 @@ class KIndependence(EvaluatorMetric):
     def compute(self) -> float:
         values = _gathered(self._values)
         return float(max(values)) if values else float("nan")
+
+
+def validation_metrics(
+    class_names: Sequence[str], held_out: Sequence[str], mean_voxels: Mapping[str, float]
+) -> dict[str, EvaluatorMetric]:
+    """Every metric of training's validation, by name: Dice of the seen and the held-out classes, false positives on
+    absent classes (each class's channel, and the label map as inference writes it), wrong-reference Dice,
+    k-independence, and the trivial rules' Dice on the same cases (:mod:`scripts.segmentation.controls`).
+
+    Args:
+        class_names: global class names that ``class_ids`` index (the validation pool's).
+        held_out: names of held-out classes.
+        mean_voxels: mean voxel count of each class where present (the training pool's), for the false positives.
+    """
+    metrics: dict[str, EvaluatorMetric] = {
+        "val_seen_dice": ClassGroupDice(class_names, held_out, "seen"),
+        "val_held_out_dice": ClassGroupDice(class_names, held_out, "held_out"),
+        "val_wrong_reference_dice": WrongReferenceDice(),
+        "val_absent_class_fp": AbsentClassFalsePositives(class_names, mean_voxels),
+        "k_independence": KIndependence(),
+        "val_label_map_seen_dice": ClassGroupDice(class_names, held_out, "seen", predictions="label_map"),
+        "val_label_map_held_out_dice": ClassGroupDice(class_names, held_out, "held_out", predictions="label_map"),
+        "val_label_map_absent_class_fp": AbsentClassFalsePositives(class_names, mean_voxels, predictions="label_map"),
+    }
+    for rule in CONTROLS:
+        for group in ("seen", "held_out"):
+            metrics[f"{rule}_{group}_dice"] = ClassGroupDice(class_names, held_out, group, scores=rule)
+    return metrics

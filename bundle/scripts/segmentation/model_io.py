@@ -15,8 +15,9 @@
         "match": {"threshold": 0.62, ...},    # model.pt only: the match check's threshold (scripts.segmentation.match)
     }
 
-The configs read them with :func:`read_model_settings` (each id keeps a default for a model that records none) and
-the loaders refuse, with one line, an explicit setting that contradicts the model (:func:`check_requested`).
+The configs read them with :func:`read_model_settings` (with :data:`DEFAULT_SETTINGS` for what a model does not
+record) and the loaders refuse, with one line, an explicit setting that contradicts the model
+(:func:`check_requested`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,26 @@ from ..networks import extra_state
 logger = logging.getLogger(__name__)
 
 METADATA = Path(__file__).resolve().parents[2] / "configs" / "metadata.json"
+
+
+# The demo model's settings: what inference and evaluation use where no model file says otherwise (the model zoo's
+# shape checks without weights, models of bundle 0.4.0). The one table of them; metadata.json describes the same model.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "patch_size": [32, 32, 32],
+    "target_spacing": None,
+    "mirror_axes": [0, 1, 2],
+    "in_channels": 1,
+    "base_channels": 8,
+    "num_query_tokens": 8,
+    "num_heads": 8,
+    "decoder_depth": 2,
+    "blocks_per_stage": 1,
+    "channel_multipliers": [1, 4, 8, 16],
+    "use_memory_bank": True,
+    "memory_momentum": 0.9,
+    "dataset_labels": {},
+    "match_threshold": None,
+}
 
 
 class ModelSettingsError(IrisInputError):
@@ -95,21 +116,22 @@ def load_network_state(path: str | Path) -> dict[str, Any]:
     return dict(state)
 
 
-def read_model_settings(path: str | Path) -> dict[str, Any]:
+def read_model_settings(path: str | Path, with_defaults: bool = False) -> dict[str, Any]:
     """The settings ``path`` records, flat: the network's hyper-parameters, ``patch_size``, ``target_spacing``,
     ``modality`` (None when the model saw several), ``memory_classes``, ``datasets``, ``dataset_labels`` (global class
-    name -> label value in its dataset), ``bundle_version``.
+    name -> label value in its dataset), ``match_threshold``, ``bundle_version``.
 
-    A missing file gives ``{}`` (the configs then use their defaults, e.g. for the model zoo's shape checks without
-    weights); a model saved before settings were recorded gives only its memory classes, with a warning. The file is
-    read once per version (a command asks for several settings).
+    A missing file gives ``{}``; a model saved before settings were recorded gives only its memory classes, with a
+    warning; ``with_defaults`` fills what is missing from :data:`DEFAULT_SETTINGS`, as the configs read them. The file
+    is read once per version (a command asks for several settings).
     """
     path = Path(path)
+    defaults = copy.deepcopy(DEFAULT_SETTINGS) if with_defaults else {}
     if not path.is_file():
-        logger.info(f"No model at {path}: using the settings of the configs.")
-        return {}
+        logger.info(f"No model at {path}: using the demo model's settings unless the command gives others.")
+        return defaults
     stat = path.stat()
-    return copy.deepcopy(_read_settings(str(path), stat.st_mtime_ns, stat.st_size))
+    return {**defaults, **copy.deepcopy(_read_settings(str(path), stat.st_mtime_ns, stat.st_size))}
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,6 +148,8 @@ def _read_settings(path: str, modified_ns: int, size: int) -> dict[str, Any]:
     for key in ("patch_size", "target_spacing", "mirror_axes", "datasets", "bundle_version", "selection", "match"):
         if key in saved:
             settings[key] = saved[key]
+    if "match" in saved:
+        settings["match_threshold"] = saved["match"].get("threshold")
     datasets = saved.get("datasets", {})
     settings["dataset_labels"] = {
         f"{name}/{label}": int(value)

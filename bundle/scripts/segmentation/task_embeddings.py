@@ -69,7 +69,7 @@ def memory(network: nn.Module, class_names: Sequence[str]) -> torch.Tensor:
     """Stored memory-bank embeddings of seen classes; no reference needed."""
     bank = network.memory_bank
     if bank is None:
-        raise ValueError("Strategy 'memory' needs a network trained with use_memory_bank=true.")
+        raise ValueError("Strategy 'memory' needs a network trained with use_memory_bank=True.")
     rows = bank.index(list(class_names))
     untrained = [name for name, row in zip(class_names, rows) if int(bank.counts[row]) == 0]
     if untrained:

@@ -1,9 +1,13 @@
 """Crash-safe training checkpoints: atomic writes, pruning, and automatic resume of the same command.
 
-A checkpoint holds the network (with its memory bank), optimizer, LR schedule, trainer progress, early-stopping
-state, RNG states, the run's hyper-parameters, the latest metrics and a timestamp; only tensors and plain types, so
-it loads with ``torch.load(weights_only=True)``. Episodes are pure functions of ``(seed, index)``, so restoring the
-episode offset is enough to continue the exact episode sequence.
+A checkpoint holds the network (with its memory bank and its recorded settings), optimizer, LR schedule, trainer
+progress, early-stopping state, the best model's score, RNG states, the latest metrics and a timestamp; only tensors
+and plain types, so it loads with ``torch.load(weights_only=True)``. Episodes are pure functions of
+``(seed, index)``, so restoring the episode offset is enough to continue the exact episode sequence.
+
+Why not MONAI's ``CheckpointSaver``/``CheckpointLoader`` (ignite's ``Checkpoint``): they save and load objects with a
+``state_dict``, but do not restore the RNG states and the episode position that exact resume needs, nor fall back to
+an older checkpoint when the newest is truncated; writes are atomic here as with ignite's ``DiskSaver(atomic=True)``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
 from monai.handlers import EarlyStopHandler
 from torch import nn
 
@@ -64,6 +69,8 @@ def periodic_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 class CheckpointManager:
     """Save a full training checkpoint every ``save_every`` iterations and resume from the newest valid one.
 
+    Attach after the validation handler: a checkpoint then records the validation of its own iteration.
+
     On ``STARTED`` the newest checkpoint in ``ckpt_dir`` that loads is restored (a truncated or corrupted file is
     reported and skipped); a log line gives its path and iteration. A checkpoint that loads but does not fit the
     network (another size, or an older layout) stops the run with an error naming it. ``resume=False`` starts afresh.
@@ -76,7 +83,6 @@ class CheckpointManager:
         keep: periodic checkpoints kept (older ones are deleted; the best model ``model.pt`` is separate).
         resume: continue from the newest checkpoint when there is one.
         early_stopping: its patience counter and best score are saved too.
-        config: hyper-parameters recorded in every checkpoint (plain types).
         metrics_engine: engine whose ``state.metrics`` are recorded (the evaluator).
         best_model: the best-model saver, whose best score is saved and restored with the checkpoint.
     """
@@ -92,7 +98,6 @@ class CheckpointManager:
         keep: int = 3,
         resume: bool = True,
         early_stopping: EarlyStopHandler | None = None,
-        config: dict[str, Any] | None = None,
         metrics_engine: Engine | None = None,
         best_model: BestModelSaver | None = None,
     ) -> None:
@@ -103,7 +108,6 @@ class CheckpointManager:
         self.dataset = dataset
         self.save_every, self.keep, self.resume = save_every, keep, resume
         self.early_stopping = early_stopping
-        self.config = dict(config or {})
         self.metrics_engine = metrics_engine
         self.best_model = best_model
 
@@ -128,7 +132,6 @@ class CheckpointManager:
             "trainer": {"iteration": engine.state.iteration},
             "early_stopping": self._early_stopping_state(),
             "rng": rng_state(),
-            "config": self.config,
             "metrics": {name: float(value) for name, value in metrics.items()},
             "best_model": self.best_model.state_dict() if self.best_model is not None else {},
             "timestamp": datetime.now(timezone.utc).isoformat(),
@@ -137,14 +140,18 @@ class CheckpointManager:
         for old in self.checkpoints()[self.keep :]:
             old.unlink(missing_ok=True)
 
+    def _early_stopping(self) -> EarlyStopping | None:
+        """The ignite ``EarlyStopping`` of MONAI's handler, which MONAI builds in ``set_trainer`` and keeps only as
+        ``_handler`` (its counter and best score are ignite's ``state_dict``)."""
+        return getattr(self.early_stopping, "_handler", None)
+
     def _early_stopping_state(self) -> dict[str, Any]:
-        stopper = getattr(self.early_stopping, "_handler", None)
+        stopper = self._early_stopping()
         if stopper is None:
             return {}
-        return {
-            "counter": int(stopper.counter),
-            "best_score": None if stopper.best_score is None else float(stopper.best_score),
-        }
+        state = dict(stopper.state_dict())
+        best = state["best_score"]
+        return {**state, "counter": int(state["counter"]), "best_score": None if best is None else float(best)}
 
     def restore(self, engine: Engine) -> None:
         if not self.resume:
@@ -176,10 +183,10 @@ class CheckpointManager:
         engine.state.epoch = 0  # one epoch of total_iterations: ignite continues it from ``iteration``
         batch_size = getattr(engine.data_loader, "batch_size", 1) or 1
         self.dataset.start = iteration * batch_size * world_size()
-        stopper = getattr(self.early_stopping, "_handler", None)
+        stopper = self._early_stopping()
         saved = content.get("early_stopping") or {}
         if stopper is not None and saved:
-            stopper.counter, stopper.best_score = saved["counter"], saved["best_score"]
+            stopper.load_state_dict({**stopper.state_dict(), **saved})  # checkpoints of 0.8.0 hold two of its keys
         if self.best_model is not None:
             self.best_model.load_state_dict(content.get("best_model") or {})
         set_rng_state(content["rng"])

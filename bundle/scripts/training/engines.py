@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.engines.workflow import Workflow
 from monai.inferers import Inferer, SimpleInferer
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -48,8 +47,8 @@ class EpisodicTrainer(SupervisedTrainer):
         device, max_epochs, train_data_loader, network, optimizer, loss_function, epoch_length, inferer,
         train_handlers, amp, accumulation_steps: as in ``monai.engines.SupervisedTrainer``; the ``inferer`` (MONAI's
             ``SimpleInferer`` by default) passes the whole episode to the network in one call,
-            ``network(query, support_image=..., support_mask=..., class_valid=...)``, which returns the logits and the
-            task embeddings (see ``IrisNet.forward``); ``loss_function`` is
+            ``network(query, support_image=..., support_mask=..., class_valid=...)``, which returns the logits and
+            keeps the task embeddings (``IrisNet.episode_embeddings``); ``loss_function`` is
             called as ``loss(logits, target, class_valid, unlabelled)`` (``unlabelled``: the episode's
             ``query_unlabelled`` voxels, or None).
         gradient_clip_norm: maximum global gradient norm, applied to unscaled gradients; None or <= 0 disables it.
@@ -85,15 +84,13 @@ class EpisodicTrainer(SupervisedTrainer):
             train_handlers=train_handlers,
             accumulation_steps=accumulation_steps,
         )
-        self.amp = amp
+        # MONAI's own ``amp`` stays off: its Trainer.run would make a CUDA GradScaler whenever it is on, but bf16
+        # autocast on a CPU needs none; the scaler here is for fp16 on CUDA only.
+        self.mixed_precision = amp
         self.amp_dtype = autocast_dtype(device)
+        fp16 = amp and self.amp_dtype == torch.float16
+        self.grad_scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.gradient_clip_norm = gradient_clip_norm
-
-    def run(self) -> None:
-        """As ``Trainer.run``, but with a GradScaler only for fp16 on CUDA: bf16 autocast on CPU needs none."""
-        fp16 = self.amp and self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        Workflow.run(self)  # skip Trainer.run, which would create a CUDA-only scaler whenever amp is set
 
     def _iteration(self, engine: EpisodicTrainer, batchdata: dict) -> dict:
         episode = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
@@ -111,8 +108,8 @@ class EpisodicTrainer(SupervisedTrainer):
         if local_iter == 0:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
-        with torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.amp):
-            logits, embeddings = engine.inferer(  # the whole episode in one forward, as DDP must see it
+        with torch.autocast(engine.state.device.type, dtype=engine.amp_dtype, enabled=engine.mixed_precision):
+            logits = engine.inferer(  # the whole episode in one forward, as DDP must see it
                 query,
                 engine.network,
                 support_image=episode["support_image"],
@@ -124,10 +121,10 @@ class EpisodicTrainer(SupervisedTrainer):
             loss = engine.loss_function(logits, target, valid, episode.get("query_unlabelled"))
             engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine.state.output["task_embeddings"] = embeddings.detach().float()
+        engine.state.output["task_embeddings"] = unwrap(engine.network).episode_embeddings.float()
 
         scaled = loss / acc
-        (engine.scaler.scale(scaled) if engine.scaler is not None else scaled).backward()
+        (engine.grad_scaler.scale(scaled) if engine.grad_scaler is not None else scaled).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if local_iter == acc - 1:
             self._step(engine)
@@ -136,13 +133,13 @@ class EpisodicTrainer(SupervisedTrainer):
 
     @staticmethod
     def _step(engine: EpisodicTrainer) -> None:
-        if engine.scaler is not None:
-            engine.scaler.unscale_(engine.optimizer)
+        if engine.grad_scaler is not None:
+            engine.grad_scaler.unscale_(engine.optimizer)
         if engine.gradient_clip_norm and engine.gradient_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), engine.gradient_clip_norm)
-        if engine.scaler is not None:
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
+        if engine.grad_scaler is not None:
+            engine.grad_scaler.step(engine.optimizer)
+            engine.grad_scaler.update()
         else:
             engine.optimizer.step()
 

@@ -275,21 +275,21 @@ class ValidationReport:
     Args:
         evaluator: the validation engine.
         metrics: the evaluator's metrics by name.
-        eval_every: validation interval of training, to know whether the last iteration was validated.
+        val_interval: validation interval of training, to know whether the last iteration was validated.
         output_dir: where to write the JSON report.
     """
 
-    def __init__(self, evaluator: Engine, metrics: dict[str, Metric], eval_every: int, output_dir: str):
+    def __init__(self, evaluator: Engine, metrics: dict[str, Metric], val_interval: int, output_dir: str):
         self.evaluator = evaluator
         self.metrics = metrics
-        self.eval_every = eval_every
+        self.val_interval = val_interval
         self.output_dir = Path(output_dir)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.iteration % self.eval_every != 0 or not self.evaluator.state.metrics:
+        if engine.state.iteration % self.val_interval != 0 or not self.evaluator.state.metrics:
             self.evaluator.run()
         scores = {name: float(self.evaluator.state.metrics.get(name, math.nan)) for name in self.metrics}
         groups = {name: metric for name, metric in self.metrics.items() if isinstance(metric, ClassGroupDice)}

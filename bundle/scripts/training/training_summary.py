@@ -40,7 +40,7 @@ class TrainingSummary:
     Dice can be read against time. A resumed run first drops the lines after the iteration it resumes from (a run
     killed after a validation but before its checkpoint repeats that validation), then appends, counting its time on
     from that of the last line it keeps. Attach it after the checkpoint handler, which restores the iteration, and
-    after :class:`~scripts.handlers.ValidationReport`, whose final validation it records.
+    after :class:`~scripts.training.handlers.ValidationReport`, whose final validation it records.
 
     Args:
         evaluator: the validation engine.
