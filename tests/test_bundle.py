@@ -61,12 +61,13 @@ def test_handlers_are_switched_off_by_name(demo_dataset: Path, tmp_path: Path) -
     reduced = _workflow("train.json", "demo.json", **options, **off)
     for workflow in (full, reduced):
         workflow.initialize()
-    train = [type(h).__name__ for h in full.parser.get_parsed_content("train#handlers")]
-    reduced_train = [type(h).__name__ for h in reduced.parser.get_parsed_content("train#handlers")]
+    handlers = {"train": "train#trainer#train_handlers", "validate": "validate#evaluator#val_handlers"}  # both lists
+    train = [type(h).__name__ for h in full.parser.get_parsed_content(handlers["train"])]
+    reduced_train = [type(h).__name__ for h in reduced.parser.get_parsed_content(handlers["train"])]
     assert len(train) == len(full.parser["train#handler"]) - 2  # pretrained_weights and encoder_freeze are off
     assert set(train) - set(reduced_train) == {"CheckpointManager", "TensorBoardStatsHandler", "TrainingSummary"}
-    validate = [type(h).__name__ for h in full.parser.get_parsed_content("validate#handlers")]
-    reduced_validate = [type(h).__name__ for h in reduced.parser.get_parsed_content("validate#handlers")]
+    validate = [type(h).__name__ for h in full.parser.get_parsed_content(handlers["validate"])]
+    reduced_validate = [type(h).__name__ for h in reduced.parser.get_parsed_content(handlers["validate"])]
     assert set(validate) - set(reduced_validate) == {"TensorBoardStatsHandler"}
     assert reduced.check_properties() == []
 

@@ -8,6 +8,10 @@ so the report also says whether the model follows its references (see :mod:`scri
 wrong-reference Dice and the false positives on absent classes per strategy and k, the k-independence of the decoder,
 and the Dice of the trivial rules of :mod:`scripts.segmentation.controls` on the same subjects. Under torchrun each
 rank scores a share of the subjects and rank 0 writes the gathered results.
+
+Dice, HD95 and NSD are MONAI's functions; the aggregation is written here rather than with their metric buffers and
+``MetricsSaver`` because each score belongs to a (strategy, k, draw, class, subject) and the report groups them by
+seen and held-out class and by draw, which the buffers' one batch-by-class table does not hold.
 """
 
 from __future__ import annotations

@@ -159,6 +159,8 @@ class RetrievalInferer(InContextInferer):
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         if self.references is None:
             raise RuntimeError("RetrievalInferer needs the references of a task (use_task) before segmenting a query.")
+        if inputs.shape[0] != 1:
+            raise ValueError(f"RetrievalInferer retrieves per query: give one query at a time, got {inputs.shape[0]}.")
         logits = self._segment(inputs, network, self.task_embeddings)
         if bool((self.references[1].sum(0) <= self.top_k).all()):
             return self._checked(inputs, logits)  # every class keeps all its references: the first pass is the answer

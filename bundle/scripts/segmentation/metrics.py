@@ -74,7 +74,12 @@ def _gathered_by_class(scores: Mapping[str, list[float]]) -> dict[str, list[floa
 
 
 class EvaluatorMetric(Metric):
-    """An ignite metric that reads the named entries ``required_output_keys`` of the evaluator output."""
+    """An ignite metric that reads the named entries ``required_output_keys`` of the evaluator output.
+
+    Not MONAI's ``CumulativeIterationMetric``/``IgniteMetricHandler``: those buffer one tensor per iteration and reduce
+    it; these keep Python lists per class name (a query requests a different set of classes each time) and gather the
+    lists of every rank with :func:`scripts.distributed.gather_objects` (ignite's ``idist.all_gather`` of objects).
+    """
 
     required_output_keys: tuple[str, ...] = ()
 

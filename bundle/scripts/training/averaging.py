@@ -69,6 +69,14 @@ class CheckpointAveraging:
 
     def __call__(self, engine: Engine) -> None:
         paths = periodic_checkpoints(self.ckpt_dir)[-self.last :]
+        if len(paths) < self.last:  # a warning, not an error: the run is over, and the handlers after this one write
+            logger.warning(
+                f"average_last_checkpoints is {self.last}, but {self.ckpt_dir} holds {len(paths)} periodic "
+                "checkpoints (checkpoint_every is larger than the run?)"
+                + (": nothing averaged." if not paths else f": averaging those {len(paths)}.")
+            )
+            if not paths:
+                return
         output = self.ckpt_dir / AVERAGED_MODEL
         average_checkpoints(paths, output)
         logger.info(f"Averaged the weights of {', '.join(path.name for path in paths)} into {output}.")

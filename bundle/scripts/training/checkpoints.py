@@ -198,6 +198,8 @@ class BestModelSaver:
     Attached to the evaluator; the file is what inference and the model zoo load. Its settings record the selection
     (metric, value and training iteration). The best score is part of the training checkpoints
     (:class:`CheckpointManager` saves and restores it), so a resumed run never replaces a better ``model.pt``.
+    Not MONAI's ``CheckpointSaver(save_key_metric=True)``: it cannot record the selection in the model's settings,
+    and its best score would need a second state to restore on resume.
 
     Args:
         path: output file, usually ``ckpt_dir/model.pt``.

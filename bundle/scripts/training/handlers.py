@@ -18,6 +18,7 @@ from monai.handlers import ValidationHandler, from_engine
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..atomic import atomic_write_text
 from ..data.pool import DatasetPool
 from ..distributed import is_main_process, unwrap
 from ..errors import IrisInputError
@@ -147,6 +148,9 @@ class EngineLogText(logging.Filter):
     "Engine run resuming from iteration 0" and each validation "Epoch[800] Complete". This filter drops that epoch
     bookkeeping (:class:`ValidationLog` reports each validation), says "Training from iteration N to T" once the
     checkpoint handlers (attached before it) have restored the iteration, and "Training finished in ...".
+
+    A logging filter that matches ignite's message texts, because ignite has no option for this wording; a test
+    (tests/test_bundle.py) says when an ignite release changes them.
 
     Args:
         role: ``"training"`` for the trainer, ``"validation"`` for the evaluator.
@@ -302,7 +306,7 @@ class ValidationReport:
         if not is_main_process():
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "validation_report.json").write_text(json.dumps(report, indent=4))
+        atomic_write_text(json.dumps(report, indent=4), self.output_dir / "validation_report.json")
         controls = {name for name, metric in groups.items() if metric.scores != "model"}
         label_map = {name for name, metric in self.metrics.items() if getattr(metric, "predictions", "") == "label_map"}
         model = ", ".join(f"{name} {value:.4f}" for name, value in scores.items() if name not in controls | label_map)

@@ -1,4 +1,8 @@
-"""Learning-rate schedule of IRIS training: linear warm-up, then step decay, counted in iterations."""
+"""Learning-rate schedule of IRIS training: linear warm-up, then step decay, counted in iterations.
+
+One ``LambdaLR`` rather than torch's ``SequentialLR(LinearLR, StepLR)``: the chain gives warm-up then step decay, but
+not the optional cool-down multiplied onto the step decay, and checkpoints of earlier runs hold a ``LambdaLR`` state.
+"""
 
 from __future__ import annotations
 
