@@ -36,10 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
 from scripts.networks import build_iris_net  # noqa: E402
+from scripts.segmentation.model_io import DEFAULT_SETTINGS  # noqa: E402
 
 VOLUMES = {"64": ((64, 64, 64), 1.5), "96": ((96, 96, 96), 1.5), "128": ((128, 128, 128), 1.5),
            "512x512x300": ((512, 512, 300), (0.8, 0.8, 1.0))}  # fmt: skip
-DEMO = {"base_channels": 8, "num_query_tokens": 8, "channel_multipliers": (1, 4, 8, 16)}
+DEMO = {key: DEFAULT_SETTINGS[key] for key in ("base_channels", "num_query_tokens", "channel_multipliers")}
 
 
 def volume(shape: tuple[int, ...], spacing, path: Path, label_path: Path | None = None) -> None:

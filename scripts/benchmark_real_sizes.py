@@ -39,6 +39,7 @@ from scripts.networks import build_iris_net  # noqa: E402
 from scripts.performance import channels_last  # noqa: E402
 from scripts.segmentation.inferers import InContextInferer  # noqa: E402
 from scripts.segmentation.match import cycle_dice  # noqa: E402
+from scripts.segmentation.model_io import DEFAULT_SETTINGS  # noqa: E402
 
 VOLUMES = {  # name: shape, spacing (mm), structures, target spacing
     "demo": ((64, 64, 48), (1.5, 1.5, 1.5), 12, None),
@@ -46,7 +47,7 @@ VOLUMES = {  # name: shape, spacing (mm), structures, target spacing
     "ct_512x512x300": ((512, 512, 300), (0.8, 0.8, 1.0), 15, (1.5, 1.5, 1.5)),
 }
 PRESETS = {"demo": (32, 32, 32), "paper": (128, 128, 128)}
-DEMO_NETWORK = {"base_channels": 8, "num_query_tokens": 8, "channel_multipliers": (1, 4, 8, 16)}
+DEMO_NETWORK = {key: DEFAULT_SETTINGS[key] for key in ("base_channels", "num_query_tokens", "channel_multipliers")}
 H200_STEP_S = 0.248  # paper preset, 2 episodes per step (docs/benchmarks.md, run 2)
 PAPER_BATCH, WORKERS = 32, 8
 

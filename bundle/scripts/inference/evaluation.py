@@ -170,7 +170,7 @@ class KShotEvaluation:
     def run(self) -> dict:
         if self.ckpt_path:
             load_model(self.network, self.ckpt_path, self.usage)
-            self.match_threshold = read_model_settings(self.ckpt_path).get("match", {}).get("threshold")
+            self.match_threshold = read_model_settings(self.ckpt_path).get("match_threshold")
         self.network.eval()
         records = Records()
         runs = [(draw, k) for draw in range(self.draws) for k in self.shots]
