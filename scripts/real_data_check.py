@@ -96,6 +96,16 @@ def subjects(info: DatasetInfo, split: str) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------------- training
 
 
+def override_arguments(overrides: Mapping[str, object]) -> list[str]:
+    """train.json ids as MONAI command-line arguments: on/off values as ``True``/``False`` (its command line reads
+    ``true``/``false`` as text), text as it is, anything else as JSON."""
+    arguments = []
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else str(value) if isinstance(value, bool) else json.dumps(value)
+        arguments += [f"--{key}", text]
+    return arguments
+
+
 def train(dataset: Path, output_dir: Path, preset: Path, with_demo: bool, overrides: Mapping[str, object]) -> dict:
     """Train with the bundle's command line; returns the wall time and the run's summary."""
     pool = [str(dataset.resolve())]
@@ -109,8 +119,7 @@ def train(dataset: Path, output_dir: Path, preset: Path, with_demo: bool, overri
         "--data_pool", json.dumps(pool), "--ckpt_dir", str(output_dir / "models"),
         "--output_dir", str(output_dir / "logs"), "--cache_dir", str(output_dir / "cache"),
     ]  # fmt: skip
-    for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    command += override_arguments(overrides)
     log = output_dir / "training.log"
     logger.info(f"Training (log: {log}): {' '.join(command)}")
     start = time.perf_counter()

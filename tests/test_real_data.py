@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -16,9 +17,15 @@ from scripts.data.derived_classes import DerivedClass, centroid
 from scripts.data.episodes import EpisodeDataset
 from scripts.data.planning import PoolGeometry, check_field_of_view, field_of_view_problem, plan, pool_geometry
 from scripts.data.pool import DatasetPool
-from scripts.data.transforms import intensity_normalization, normalisation
+from scripts.data.transforms import AppendCoordinatesd, intensity_normalization, normalisation
 from scripts.networks import build_iris_net
-from scripts.segmentation.model_io import ModelSettingsError, check_requested, model_modality, training_settings
+from scripts.segmentation.model_io import (
+    ModelSettingsError,
+    check_requested,
+    model_modality,
+    read_model_settings,
+    training_settings,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PATCH = (32, 32, 32)
@@ -64,6 +71,56 @@ def test_episodes_with_derived_classes_request_a_new_parcel_and_not_its_parts(po
     assert all(torch.equal(unchanged[i]["query_image"], plain[i]["query_image"]) for i in range(4))
     with pytest.raises(ValueError, match="add up to at most 1"):
         EpisodeDataset(pool, length=2, patch_size=PATCH, synthetic_class_prob=0.6, derived_class_prob=0.6)
+
+
+def _is_place_grid(coordinates: torch.Tensor) -> bool:
+    """Whether 3 x D x H x W channels are a place grid inside the volume (a patch's padding beyond the volume's border
+    is zero in every channel): channel ``a`` changes along axis ``a`` only, in equal positive steps."""
+    inside = coordinates.abs().sum(0) > 0
+    if inside.float().mean() < 0.5:
+        return False
+    for axis in range(3):
+        for other in range(3):
+            size = inside.shape[other]
+            pairs = inside.narrow(other, 0, size - 1) & inside.narrow(other, 1, size - 1)
+            steps = coordinates[axis].diff(dim=other)[pairs]
+            if other != axis and steps.abs().max() > 1e-6:
+                return False
+            if other == axis and (not torch.allclose(steps, steps[0], atol=1e-5) or steps[0] <= 0):
+                return False
+    return True
+
+
+def test_coordinate_channels_give_each_voxel_its_place_in_the_volume() -> None:
+    volume = {"image": torch.randn(1, 5, 4, 3)}
+    out = AppendCoordinatesd("image")(volume)["image"]
+    assert out.shape == (4, 5, 4, 3) and torch.equal(out[0], volume["image"][0])
+    assert _is_place_grid(out[1:])
+    assert [float(out[1 + axis].min()) for axis in range(3)] == [-1.0] * 3
+    assert [float(out[1 + axis].max()) for axis in range(3)] == [1.0] * 3
+
+
+def test_episodes_carry_coordinates_that_augmentation_moves_but_never_rescales(demo_dataset: Path) -> None:
+    """The image channels of a query are exactly those without coordinates (the first augmented crop of an episode:
+    MONAI's RandAffined draws once more per key, so later crops' draws differ); the coordinate channels escape
+    intensity augmentation, query noise and pasted synthetic structures."""
+    placed = DatasetPool([str(demo_dataset)], split="training", num_workers=1, coordinate_channels=True)
+    plain = DatasetPool([str(demo_dataset)], split="training", num_workers=1)
+    options = {"patch_size": PATCH, "seed": 5, "synthetic_class_prob": 0.5, "query_noise_std": 0.5}
+    with_places, without = EpisodeDataset(placed, length=4, **options), EpisodeDataset(plain, length=4, **options)
+    for index in range(4):
+        item, reference = with_places[index], without[index]
+        assert item["query_image"].shape[0] == 4 and item["support_image"].shape[-4] == 4
+        assert torch.equal(item["query_image"][:1], reference["query_image"])
+        assert torch.equal(item["query_mask"], reference["query_mask"])
+    unmoved = {"rotation_degrees": 0.0, "scale_range": 0.0, "translation_fraction": 0.0, "flip_prob": 0.0,
+               "augmentation_prob": 1.0, "intensity_scale": 0.5, "intensity_shift": 0.5}  # fmt: skip
+    dataset = EpisodeDataset(placed, length=4, augmentation_kwargs=unmoved, **options)
+    for index in range(4):
+        item = dataset[index]
+        assert _is_place_grid(item["query_image"][1:])
+        valid = item["class_valid"]
+        assert all(_is_place_grid(patch[1:]) for patch in item["support_image"][valid].flatten(0, 1))
 
 
 def test_the_plan_trades_resolution_for_a_view_of_structure_and_neighbours() -> None:
@@ -135,15 +192,27 @@ def test_a_model_accepts_any_name_of_its_normalisations_and_names_them_otherwise
     assert model_modality(path) == "MRI"
 
 
+def test_the_real_data_check_passes_on_off_ids_as_the_bundle_command_line_reads_them() -> None:
+    spec = importlib.util.spec_from_file_location("real_data_check", REPO_ROOT / "scripts" / "real_data_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overrides = {"coordinate_channels": True, "patch_size": [32, 32, 32], "loss": "dice", "pretrained_checkpoint": None}
+    assert module.override_arguments(overrides) == [
+        "--coordinate_channels", "True", "--patch_size", "[32, 32, 32]", "--loss", "dice",
+        "--pretrained_checkpoint", "null",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_the_real_data_check_writes_its_report_and_a_picture_per_case(demo_dataset: Path, tmp_path: Path) -> None:
-    """scripts/real_data_check.py end to end on the demo data with a tiny network: training, every strategy, the
-    controls and the UNet, the JSON the issue asks for, one picture per case."""
+    """scripts/real_data_check.py end to end on the demo data with a tiny network that takes coordinate channels:
+    training, every strategy, the controls and the UNet, the JSON the issue asks for, one picture per case."""
     tiny = tmp_path / "tiny.json"
     tiny.write_text(json.dumps({"base_channels": 4, "num_heads": 2, "num_query_tokens": 2,
                                 "channel_multipliers": [1, 2, 4, 8], "patch_size": [32, 32, 32],
                                 "total_iterations": 4, "eval_every": 4, "checkpoint_every": 4, "batch_size": 1,
-                                "num_workers": 0, "cache_workers": 1, "augmentation#flip_axes": []}))  # fmt: skip
+                                "num_workers": 0, "cache_workers": 1, "augmentation#flip_axes": [],
+                                "coordinate_channels": True}))  # fmt: skip
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "real_data_check.py"), "--dataset", str(demo_dataset),
@@ -159,3 +228,4 @@ def test_the_real_data_check_writes_its_report_and_a_picture_per_case(demo_datas
     validation = json.loads(demo_dataset.read_text())["validation"]
     pictures = sorted(path.name for path in (out / "cases").glob("*.png"))
     assert pictures == sorted(f"{Path(case['image']).name.split('.')[0]}_held_out.png" for case in validation)
+    assert read_model_settings(out / "models" / "model.pt")["coordinate_channels"] is True

@@ -271,20 +271,24 @@ class EpisodeDataset(Dataset):
         self, subject: Subject, centre: Sequence[int], paste: Paste | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and label patches around ``centre``, with synthetic structures pasted in (``paste``), augmented."""
-        image, label = crop_around(subject, centre, self.patch_size)
+        volume, label = crop_around(subject, centre, self.patch_size)
+        patch = {"image": volume[: self.pool.in_channels], "label": label}
+        if self.pool.coordinate_channels:  # the voxels' places: moved with the image, never pasted over or rescaled
+            patch["coordinates"] = volume[self.pool.in_channels :]
         if paste is not None:
-            image, label = paste(image, label)
+            patch["image"], patch["label"] = paste(patch["image"], label)
         tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: the patches need no metadata, and MetaTensors triple the cost
         try:
-            if is_single_slice(image):  # 2D: augment in-plane (C x H x W), then restore the slice axis
-                out = self.augment_2d({"image": image[..., 0], "label": label[..., 0]})
-                out = {key: torch.as_tensor(out[key])[..., None] for key in ("image", "label")}
+            if is_single_slice(volume):  # 2D: augment in-plane (C x H x W), then restore the slice axis
+                out = self.augment_2d({key: value[..., 0] for key, value in patch.items()})
+                out = {key: torch.as_tensor(value)[..., None] for key, value in out.items()}
             else:
-                out = self.augment({"image": image, "label": label})
+                out = self.augment(patch)
         finally:
             set_track_meta(tracking)
-        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().to(torch.int16)
+        image = torch.cat([torch.as_tensor(out[key]).float() for key in ("image", "coordinates") if key in out])
+        return image, torch.as_tensor(out["label"]).round().to(torch.int16)
 
     def _present(self, label: torch.Tensor) -> set[int]:
         """Classes with at least ``min_class_voxels`` voxels in a patch, so no support mask is (nearly) empty."""
@@ -379,8 +383,9 @@ class EpisodeDataset(Dataset):
             v for v in info.labels if self.held_out_voxels == "unlabelled" and self.pool.is_held_out(dataset, v)
         ]
         query_unlabelled = torch.isin(query_label, torch.tensor(unlabelled, dtype=query_label.dtype))
-        query_image = query_image + self.query_noise_std * torch.from_numpy(
-            rng.standard_normal(query_image.shape, dtype=np.float32)
+        channels = self.pool.in_channels  # noise on the image, not on its coordinate channels
+        query_image[:channels] += self.query_noise_std * torch.from_numpy(
+            rng.standard_normal((channels, *query_image.shape[1:]), dtype=np.float32)
         )
         padding = [(torch.zeros_like(image), torch.zeros_like(label)) for image, label in references[0]]
         references += [padding] * (self.max_classes - len(values))

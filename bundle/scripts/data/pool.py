@@ -158,6 +158,8 @@ class DatasetPool:
             cache is reused by later runs (keyed by file, size, modification time and preprocessing).
         cache_dir: folder of the disk cache.
         in_channels: the network's image channels; RGB images are converted to match.
+        coordinate_channels: append each voxel's place in the volume as channels after the image's (see
+            :class:`scripts.data.transforms.AppendCoordinatesd`); ``in_channels`` still counts the image's only.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class DatasetPool:
         cache: str = "memory",
         cache_dir: str | None = None,
         in_channels: int = 1,
+        coordinate_channels: bool = False,
     ) -> None:
         if cache not in ("memory", "disk"):
             raise ValueError(f"cache must be 'memory' or 'disk', got '{cache}'.")
@@ -183,7 +186,7 @@ class DatasetPool:
         self._settings = {"dataset_files": list(dataset_files), "target_spacing": target_spacing,
                           "min_class_voxels": min_class_voxels, "num_workers": num_workers,
                           "skip_invalid": skip_invalid, "cache": cache, "cache_dir": cache_dir,
-                          "in_channels": in_channels}  # fmt: skip
+                          "in_channels": in_channels, "coordinate_channels": coordinate_channels}  # fmt: skip
         if not dataset_files:
             raise DatasetPoolError("data_pool is empty: give at least one dataset.json path.")
         self.datasets = [read_dataset_json(Path(path)) for path in dataset_files]
@@ -195,10 +198,17 @@ class DatasetPool:
         self.split = split
         self.min_class_voxels = min_class_voxels
         self._preprocess = [
-            subject_preprocessing(info.modality, target_spacing, track_meta=True, in_channels=in_channels)
+            subject_preprocessing(
+                info.modality,
+                target_spacing,
+                track_meta=True,
+                in_channels=in_channels,
+                coordinate_channels=coordinate_channels,
+            )
             for info in self.datasets
         ]
         self.in_channels = in_channels
+        self.coordinate_channels = coordinate_channels
         self._load = LoadImagesd(keys=("image", "label"))
         self.subjects = self._load_all(num_workers, skip_invalid)
         self._holders: dict[tuple[str, int], list[Subject]] | None = None
@@ -278,6 +288,7 @@ class DatasetPool:
             self.target_spacing,
             self.min_class_voxels,
             self.in_channels,
+            self.coordinate_channels,
             CACHE_FORMAT,
         )
         key = repr((stats, seed, *preprocessing))

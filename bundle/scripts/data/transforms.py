@@ -76,6 +76,29 @@ class ImageChannelsd(MapTransform):
         return d
 
 
+class AppendCoordinatesd(MapTransform):
+    """Append each voxel's place in the volume (-1 to 1 along each axis, in RAS order) as three image channels.
+
+    Crops and sliding windows then carry where in the volume they lie, which a network cannot see from a patch alone;
+    in real anatomy a structure's place is much of what tells it from a similar neighbour. It assumes that the
+    volumes of a dataset frame the same anatomy (brains, whole-body scans), not arbitrary fields of view.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            axes = [torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1) for n in image.shape[1:]]
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).to(image.device, image.dtype)
+            joined = torch.cat([torch.as_tensor(image), grid])
+            d[key] = (
+                MetaTensor(joined, meta=image.meta, applied_operations=image.applied_operations)
+                if isinstance(image, MetaTensor)
+                else joined
+            )
+        return d
+
+
 class AddSliceAxisd(MapTransform, InvertibleTransform):
     """Make a 2D image (C x H x W) a single-slice volume (C x H x W x 1) so the 3D network and transforms apply.
 
@@ -181,8 +204,10 @@ def subject_preprocessing(
     keys: Sequence[str] = ("image", "label"),
     track_meta: bool = False,
     in_channels: int = 1,
+    coordinate_channels: bool = False,
 ) -> Compose:
-    """Deterministic steps after loading: image channels, 2D as single slice, RAS, resampling, intensities.
+    """Deterministic steps after loading: image channels, 2D as single slice, RAS, resampling, intensities, and
+    optionally the voxels' places in the volume.
 
     Args:
         modality: the dataset's modality, which picks the intensity normalisation.
@@ -191,6 +216,7 @@ def subject_preprocessing(
         keys: ``"image"`` and optionally ``"label"`` (resampled with nearest neighbours).
         track_meta: keep MetaTensors (inference needs them to invert the transforms); training drops them.
         in_channels: the network's image channels; RGB images are converted to match (see :class:`ImageChannelsd`).
+        coordinate_channels: append the voxels' places as channels (see :class:`AppendCoordinatesd`).
     """
     modes = ["nearest" if key == "label" else "bilinear" for key in keys]
     steps = [
@@ -202,6 +228,8 @@ def subject_preprocessing(
     if target_spacing is not None:
         steps.append(VolumeSpacingd(keys=keys, pixdim=tuple(target_spacing), mode=modes))
     steps.append(intensity_normalization(modality))
+    if coordinate_channels:
+        steps.append(AppendCoordinatesd("image"))
     steps.append(EnsureTyped(keys=keys, track_meta=track_meta))
     return Compose(steps)
 
@@ -218,6 +246,9 @@ def episode_augmentation(
     augmentation_prob: float = 0.5,
 ) -> Compose:
     """Random spatial and intensity augmentation applied independently to every support and query patch.
+
+    Items: ``image``, ``label`` and optionally ``coordinates`` (channels of :class:`AppendCoordinatesd`, which the
+    spatial transforms move with the image and the intensity transforms leave alone).
 
     Defaults follow the user's guide: rotation ±10°, scale 0.9-1.1, small translations, flips, intensity scale and
     shift, gamma, blur and noise. A 2-element ``patch_size`` gives the in-plane version for 2D (H x W) patches.
@@ -236,7 +267,7 @@ def episode_augmentation(
         intensity_shift: maximum intensity offset (in z-score units).
         augmentation_prob: probability of each non-flip transform.
     """
-    keys = ("image", "label")
+    keys = ("image", "label", "coordinates")  # coordinates (see AppendCoordinatesd) move with the image
     radians = rotation_degrees * 3.141592653589793 / 180.0
     translate = [translation_fraction * size for size in patch_size]
     dims = len(patch_size)
@@ -249,10 +280,15 @@ def episode_augmentation(
                 rotate_range=(radians,) * (1 if dims == 2 else 3),
                 scale_range=(scale_range,) * dims,
                 translate_range=translate,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
+                mode=("bilinear", "nearest", "bilinear"),
+                padding_mode=("zeros", "zeros", "border"),
+                allow_missing_keys=True,
             ),
-            *[RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes if axis < dims],
+            *[
+                RandFlipd(keys, prob=flip_prob, spatial_axis=axis, allow_missing_keys=True)
+                for axis in flip_axes
+                if axis < dims
+            ],
             RandScaleIntensityd("image", factors=intensity_scale, prob=p),
             RandShiftIntensityd("image", offsets=intensity_shift, prob=p),
             RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=p / 2),

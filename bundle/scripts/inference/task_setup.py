@@ -116,6 +116,7 @@ class TaskSetupHandler:
         tuning_steps, tuning_lr: in-context tuning schedule.
         retrieval_top_k: references averaged per class by the retrieval strategy.
         in_channels: the network's image channels (RGB references are converted to match).
+        coordinate_channels: whether the network takes the voxels' places as channels too, as in training.
         match_threshold: the model's match threshold (see :mod:`scripts.segmentation.match`): with references, every
             query's objects are scored against each class's first reference, and those below it get a warning.
         drop_warned: leave classes with a warning out of the label map.
@@ -137,6 +138,7 @@ class TaskSetupHandler:
         tuning_lr: float = 1e-3,
         retrieval_top_k: int = 1,
         in_channels: int = 1,
+        coordinate_channels: bool = False,
         match_threshold: float | None = None,
         drop_warned: bool = False,
     ) -> None:
@@ -150,7 +152,7 @@ class TaskSetupHandler:
         self.embeddings_file = embeddings_file
         self.tuning_steps, self.tuning_lr, self.retrieval_top_k = tuning_steps, tuning_lr, retrieval_top_k
         self.tuning_losses: list[float] = []
-        self.in_channels = in_channels
+        self.in_channels, self.coordinate_channels = in_channels, coordinate_channels
         self.match_threshold, self.drop_warned = match_threshold, drop_warned
         self.done = False
 
@@ -206,6 +208,7 @@ class TaskSetupHandler:
                 self.modality,
                 self.target_spacing,
                 self.in_channels,
+                self.coordinate_channels,
             )
             task.references = [[ref for ref in references if value in ref.subject.classes] for value in task.values]
             task.per_reference, task.present = encode_references(

@@ -15,6 +15,7 @@ from .memory import MemoryBank
 from .task_encoder import TaskEncoder
 
 PAPER_CHANNEL_MULTIPLIERS = (1, 2, 4, 8, 10)
+COORDINATE_CHANNELS = 3  # one per spatial axis: scripts.data.transforms.AppendCoordinatesd
 
 
 class IrisNet(nn.Module):
@@ -187,6 +188,7 @@ class IrisNet(nn.Module):
 
 def build_iris_net(
     in_channels: int = 1,
+    coordinate_channels: bool = False,
     base_channels: int = 32,
     num_query_tokens: int = 10,
     num_heads: int = 8,
@@ -203,7 +205,9 @@ def build_iris_net(
 
     Encoder stage ``i`` has ``base_channels * channel_multipliers[i]`` channels and all but the first halve the
     resolution; tokens are as wide as the bottleneck. Fewer stages keep a useful bottleneck for small patches
-    (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck). ``memory_classes`` reserves memory-bank rows
+    (the CPU demo uses four stages on 32³ patches, a 4³ bottleneck). ``coordinate_channels``: the images carry
+    three more channels after their ``in_channels``, each voxel's place in its volume (see
+    :class:`scripts.data.transforms.AppendCoordinatesd`). ``memory_classes`` reserves memory-bank rows
     for the classes of the weights to be loaded, so the query-only forward has their channels before loading.
     The network records its hyper-parameters, with ``settings`` (what training knows: patch size, spacing, datasets),
     in every state dict it saves (see :mod:`scripts.segmentation.model_io`); ``adopt_saved_settings``: see
@@ -215,12 +219,14 @@ def build_iris_net(
     embed_dim = channels[-1]
     mlp_dim = 4 * embed_dim
     task_encoder = TaskEncoder(channels, num_query_tokens, num_heads, mlp_dim)
-    prototype_widths = [in_channels + channels[0], *channels[1:-1]]  # see IrisNet.stages
+    input_channels = in_channels + (COORDINATE_CHANNELS if coordinate_channels else 0)
+    prototype_widths = [input_channels + channels[0], *channels[1:-1]]  # see IrisNet.stages
     memory = None
     if use_memory_bank:
         memory = MemoryBank(task_encoder.num_tokens, embed_dim, memory_momentum, memory_classes)
     network = {
         "in_channels": in_channels,
+        "coordinate_channels": bool(coordinate_channels),
         "base_channels": base_channels,
         "num_query_tokens": num_query_tokens,
         "num_heads": num_heads,
@@ -231,7 +237,7 @@ def build_iris_net(
         "memory_momentum": memory_momentum,
     }
     return IrisNet(
-        encoder=ResidualEncoder(in_channels, channels, blocks_per_stage),
+        encoder=ResidualEncoder(input_channels, channels, blocks_per_stage),
         task_encoder=task_encoder,
         mask_decoder=MaskDecoder(channels, num_query_tokens + 1, num_heads, decoder_depth, mlp_dim, prototype_widths),
         memory_bank=memory,

@@ -54,6 +54,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "target_spacing": None,
     "mirror_axes": [0, 1, 2],
     "in_channels": 1,
+    "coordinate_channels": False,
     "base_channels": 8,
     "num_query_tokens": 8,
     "num_heads": 8,

@@ -52,12 +52,15 @@ def preprocessing(
     keys: Sequence[str],
     track_meta: bool = False,
     in_channels: int = 1,
+    coordinate_channels: bool = False,
 ) -> Compose:
-    """Load, channel-first, then the same deterministic preprocessing as training (orientation, spacing, intensity).
+    """Load, channel-first, then the same deterministic preprocessing as training (orientation, spacing, intensity,
+    the voxels' places with ``coordinate_channels``).
 
     Queries keep their metadata (``track_meta``) so that predictions can be inverted to the query's geometry.
     """
-    steps = subject_preprocessing(modality, target_spacing, keys, track_meta, in_channels).transforms
+    steps = subject_preprocessing(modality, target_spacing, keys, track_meta, in_channels, coordinate_channels)
+    steps = steps.transforms
     return Compose([LoadImagesd(keys), *steps])
 
 
@@ -68,6 +71,7 @@ def load_references(
     modality: str = "CT",
     target_spacing: Sequence[float] | None = None,
     in_channels: int = 1,
+    coordinate_channels: bool = False,
 ) -> list[Reference]:
     """Load and check reference volumes; every requested class must be labelled in at least one of them.
 
@@ -80,6 +84,7 @@ def load_references(
         modality: modality of the references (and queries), which picks the intensity normalisation.
         target_spacing: resampling spacing, the one used in training, or None.
         in_channels: the network's image channels (RGB references are converted to match).
+        coordinate_channels: whether the network takes the voxels' places as channels too, as in training.
 
     Raises:
         SupportSetError: naming every missing file or mismatched label map, and every class no reference labels.
@@ -94,7 +99,7 @@ def load_references(
     unreadable = [f"{path}: {reason}" for path in [*images, *labels] if (reason := unreadable_reason(path))]
     if unreadable:
         raise SupportSetError("Unreadable support files: " + "; ".join(unreadable))
-    transform = preprocessing(modality, target_spacing, keys=("image", "label"), in_channels=in_channels)
+    transform = preprocessing(modality, target_spacing, ("image", "label"), False, in_channels, coordinate_channels)
     references, problems = [], []
     for image_path, label_path in zip(images, labels):
         data = transform({"image": image_path, "label": label_path})
