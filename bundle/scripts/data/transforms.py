@@ -79,9 +79,9 @@ class ImageChannelsd(MapTransform):
 class AppendCoordinatesd(MapTransform):
     """Append each voxel's place in the volume (-1 to 1 along each axis, in RAS order) as three image channels.
 
-    Crops and sliding windows then carry where in the volume they lie, which a network cannot see from a patch alone;
-    in real anatomy a structure's place is much of what tells it from a similar neighbour. It assumes that the
-    volumes of a dataset frame the same anatomy (brains, whole-body scans), not arbitrary fields of view.
+    Crops and sliding windows then carry where in the volume they lie, which a patch that sees a small part of a large
+    volume cannot show, and which can tell a structure from a similar one elsewhere. It assumes that the volumes of a
+    dataset frame the same anatomy (brains, whole-body scans), not arbitrary fields of view.
     """
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
