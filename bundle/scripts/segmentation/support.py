@@ -59,9 +59,10 @@ def preprocessing(
 
     Queries keep their metadata (``track_meta``) so that predictions can be inverted to the query's geometry.
     """
-    steps = subject_preprocessing(modality, target_spacing, keys, track_meta, in_channels, coordinate_channels)
-    steps = steps.transforms
-    return Compose([LoadImagesd(keys), *steps])
+    steps = subject_preprocessing(
+        modality, target_spacing, keys, track_meta, in_channels=in_channels, coordinate_channels=coordinate_channels
+    )
+    return Compose([LoadImagesd(keys), *steps.transforms])
 
 
 def load_references(
@@ -99,7 +100,9 @@ def load_references(
     unreadable = [f"{path}: {reason}" for path in [*images, *labels] if (reason := unreadable_reason(path))]
     if unreadable:
         raise SupportSetError("Unreadable support files: " + "; ".join(unreadable))
-    transform = preprocessing(modality, target_spacing, ("image", "label"), False, in_channels, coordinate_channels)
+    transform = preprocessing(
+        modality, target_spacing, ("image", "label"), in_channels=in_channels, coordinate_channels=coordinate_channels
+    )
     references, problems = [], []
     for image_path, label_path in zip(images, labels):
         data = transform({"image": image_path, "label": label_path})
