@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
 from .match import ReferenceMatch
 from .mirroring import check_mirror_axes, mirrored
-from .task_embeddings import retrieve
+from .task_embeddings import ensemble
 
 
 class VolumeSlidingWindowInferer(SlidingWindowInferer):
@@ -138,7 +139,7 @@ class InContextInferer(Inferer):
 class RetrievalInferer(InContextInferer):
     """Object-level retrieval: each query is first segmented with the task embeddings (the references' mean), the
     objects found are encoded as the references were, and each class is segmented again with the mean of its
-    ``top_k`` most similar references (:func:`retrieve`).
+    ``top_k`` most similar references (:meth:`retrieve`).
 
     Args: as :class:`InContextInferer`.
     """
@@ -168,8 +169,26 @@ class RetrievalInferer(InContextInferer):
         if not found.flatten(1).any(-1).all():
             return self._checked(inputs, logits)  # a class was not found at all: the ensemble result for every class
         query_embeddings = network.encode_support(*self._object_patches(inputs[0], found))  # K x 1 x T x C
-        chosen = retrieve(*self.references, query_embeddings.transpose(0, 1), self.top_k)
+        chosen = self.retrieve(*self.references, query_embeddings.transpose(0, 1), self.top_k)
         return self._checked(inputs, self._segment(inputs, network, chosen))
+
+    @staticmethod
+    def retrieve(
+        per_reference: torch.Tensor, present: torch.Tensor, query_embeddings: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        """Per class, the mean of the ``top_k`` references most similar (cosine) to the object found in the query.
+
+        Args:
+            per_reference: R x K x T x C reference embeddings.
+            present: R x K, which references hold each class (see ``task_embeddings.encode_references``).
+            query_embeddings: 1 x K x T x C embeddings of the objects first found in the query.
+            top_k: references kept per class (fewer when a class has fewer references).
+        """
+        similarity = F.cosine_similarity(per_reference.flatten(2), query_embeddings.flatten(2), dim=-1)  # R x K
+        similarity = similarity.masked_fill(~present, float("-inf"))
+        best = similarity.topk(min(top_k, per_reference.shape[0]), dim=0).indices  # top_k x K
+        chosen = torch.gather(per_reference, 0, best[..., None, None].expand(-1, -1, *per_reference.shape[2:]))
+        return ensemble(chosen, torch.gather(present, 0, best))
 
     def _object_patches(self, image: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the query around each found object, as the references were encoded: K x 1 x 1 x P each."""

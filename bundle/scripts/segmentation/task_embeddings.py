@@ -1,7 +1,8 @@
-"""Task embeddings from references: encoding, the first reference, the mean, retrieval, tuning, the memory bank.
+"""Task embeddings from references: encoding, the first reference, the mean, tuning, the memory bank.
 
-The building blocks of the strategies in :mod:`scripts.inference.strategies`. Each result is ``1 x K x T x C``
-(retrieval: per query), computed once and reused for every query and every sliding window.
+The building blocks of the strategies in :mod:`scripts.inference.strategies`. Each result is ``1 x K x T x C``,
+computed once and reused for every query and every sliding window (retrieval, which chooses per query, is
+:class:`scripts.segmentation.inferers.RetrievalInferer`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .losses import DiceBCELoss
@@ -75,24 +75,6 @@ def memory(network: nn.Module, class_names: Sequence[str]) -> torch.Tensor:
     if untrained:
         raise ValueError(f"Classes {untrained} have a memory-bank row but no embedding: training never requested them.")
     return bank.get(list(class_names)).unsqueeze(0)
-
-
-def retrieve(
-    per_reference: torch.Tensor, present: torch.Tensor, query_embeddings: torch.Tensor, top_k: int
-) -> torch.Tensor:
-    """Object-level retrieval: per class, average the ``top_k`` references most similar (cosine) to the query object.
-
-    Args:
-        per_reference: R x K x T x C reference embeddings.
-        present: R x K, which references hold each class (see :func:`encode_references`).
-        query_embeddings: 1 x K x T x C embeddings of the objects first found in the query.
-        top_k: references kept per class (fewer when a class has fewer references).
-    """
-    similarity = F.cosine_similarity(per_reference.flatten(2), query_embeddings.flatten(2), dim=-1)  # R x K
-    similarity = similarity.masked_fill(~present, float("-inf"))
-    best = similarity.topk(min(top_k, per_reference.shape[0]), dim=0).indices  # top_k x K
-    chosen = torch.gather(per_reference, 0, best[..., None, None].expand(-1, -1, *per_reference.shape[2:]))
-    return ensemble(chosen, torch.gather(present, 0, best))
 
 
 def tuning_patches(

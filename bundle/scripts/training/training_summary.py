@@ -33,7 +33,8 @@ def read_metrics_lines(path: Path, up_to_iteration: int | None = None) -> list[d
 
 class TrainingSummary:
     """Record every validation in ``<output_dir>/metrics.jsonl`` and, at the end, ``training_summary.json``:
-    iterations and wall time, the best and final value of every metric with their iterations, the learning-rate range,
+    iterations and wall time, the best and final value of every metric with their iterations, the learning rate's
+    range over the validations and its final value (its curve is :class:`~scripts.training.visuals.TrainingCurves`'),
     the checkpoints, the data pool with its dataset sizes, and the versions of torch, MONAI and the bundle.
 
     Each line also holds ``wall_time_seconds``, the training time until that validation (validations included), so
@@ -44,7 +45,7 @@ class TrainingSummary:
 
     Args:
         evaluator: the validation engine.
-        optimizer: its first parameter group's learning rate is recorded at every validation and iteration.
+        optimizer: its first parameter group's learning rate is recorded at every validation and at the end.
         output_dir: where both files go.
         ckpt_dir: where the checkpoints and ``model.pt`` are.
         pools: the data pools by role (``{"training": ..., "validation": ...}``).
@@ -70,7 +71,6 @@ class TrainingSummary:
         self._start_iteration = 0
         self._start_time = 0.0
         self._earlier_wall_time = 0.0
-        self._lr_range = [math.inf, -math.inf]
 
     @property
     def metrics_path(self) -> Path:
@@ -79,7 +79,6 @@ class TrainingSummary:
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer
         trainer.add_event_handler(Events.STARTED, self.start)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.record_lr)
         trainer.add_event_handler(Events.COMPLETED, self.write_summary)
         self.evaluator.add_event_handler(Events.COMPLETED, self.record_validation)
 
@@ -92,10 +91,6 @@ class TrainingSummary:
         self._earlier_wall_time = float(kept[-1].get("wall_time_seconds", 0.0)) if kept else 0.0
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text("".join(json.dumps(line) + "\n" for line in kept), self.metrics_path)
-
-    def record_lr(self, trainer: Engine) -> None:
-        lr = self._lr()
-        self._lr_range = [min(self._lr_range[0], lr), max(self._lr_range[1], lr)]
 
     def record_validation(self, evaluator: Engine) -> None:
         wall_time = self._earlier_wall_time + time.monotonic() - self._start_time
@@ -110,17 +105,14 @@ class TrainingSummary:
 
     def write_summary(self, trainer: Engine) -> None:
         validations = read_metrics_lines(self.metrics_path)
+        rates = [line["learning_rate"] for line in validations] + [self._lr()]
         summary = {
             "iterations": trainer.state.iteration,
             "resumed_from_iteration": self._start_iteration,
             "wall_time_seconds": round(time.monotonic() - self._start_time, 1),
             "key_metric": self.key_metric,
             "metrics": metric_summary(validations),
-            "learning_rate": {
-                "min": self._lr_range[0] if self._lr_range[0] <= self._lr_range[1] else None,
-                "max": self._lr_range[1] if self._lr_range[0] <= self._lr_range[1] else None,
-                "final": self._lr(),
-            },
+            "learning_rate": {"min": min(rates), "max": max(rates), "final": rates[-1]},
             "checkpoints": {
                 **{
                     key: str(self.ckpt_dir / name) if (self.ckpt_dir / name).is_file() else None
