@@ -159,6 +159,7 @@ def segment(
     output_dir: Path,
     tuning_steps: int,
     modality: str,
+    keep_largest_component: bool = False,
 ) -> dict[str, str]:
     """Run ``inference.json`` as a user would, naming the queries' modality (needed when the model was trained on
     several, as with ``--with_demo``); returns query -> written label map."""
@@ -175,6 +176,7 @@ def segment(
         modality=modality,
         output_dir=str(output_dir),
         save_previews=False,
+        keep_largest_component=keep_largest_component,
     )
     summary = json.loads((output_dir / "summary.json").read_text())
     return {entry["query"]: entry["segmentation"] for entry in summary["queries"]}
@@ -333,10 +335,12 @@ def check(
     unet_seconds: float = 300.0,
     unet_dir: str | None = None,
     groups: Sequence[str] = GROUPS,
+    keep_largest_component: bool = False,
     **overrides,
 ) -> dict:
     """Train (unless ``skip_training``) and score; see the module docstring. ``overrides`` are train.json ids;
-    ``unet_dir`` keeps the UNet's results for later checks of the same dataset (the UNet does not depend on IRIS)."""
+    ``unet_dir`` keeps the UNet's results for later checks of the same dataset (the UNet does not depend on IRIS);
+    ``keep_largest_component`` is ``inference.json``'s."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     dataset_path, out = Path(dataset).resolve(), Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +351,7 @@ def check(
             f"{dataset_path} needs held_out_labels, a validation split and at least {ensemble_k} training subjects."
         )
     report: dict = {"dataset": str(dataset_path), "preset": str(preset), "with_demo": with_demo, "overrides": overrides}
+    report["keep_largest_component"] = keep_largest_component
     model = out / "models" / "model.pt"
     if not skip_training:
         report.update(train(dataset_path, out, Path(preset).resolve(), with_demo, overrides))
@@ -369,7 +374,15 @@ def check(
                 name = "one_shot" if strategy == "wrong_reference" else strategy
                 start = time.perf_counter()
                 written[strategy] = segment(
-                    model, queries, references, classes, name, work / strategy, tuning_steps, info.modality
+                    model,
+                    queries,
+                    references,
+                    classes,
+                    name,
+                    work / strategy,
+                    tuning_steps,
+                    info.modality,
+                    keep_largest_component,
                 )
                 logger.info(f"{group}, draw {draw}, {strategy}: {time.perf_counter() - start:.1f} s")
             if unet_seconds > 0:

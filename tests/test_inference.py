@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 from PIL import Image
+from scipy import ndimage
 
 from scripts.data import image_io
 from scripts.data.image_io import QueryFilesError, query_files, quiet_nvimagecodec_notices, unreadable_reason
-from scripts.data.transforms import label_map
+from scripts.data.transforms import KeepLargestComponentd, label_map
 from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
 from scripts.inference.task_setup import resolve_classes
@@ -135,6 +137,40 @@ def test_every_strategy_writes_valid_label_maps(strategy: str, checkpoint: Path,
     if strategy == "tuning":
         losses = workflow.parser.get_parsed_content("task_setup").tuning_losses
         assert len(losses) == 5 and losses[-1] < losses[0]
+
+
+def test_keep_largest_component_leaves_each_class_one_object(checkpoint: Path, demo: dict, tmp_path: Path) -> None:
+    """``keep_largest_component``: every class of the written label map is one connected object, a subset of what it
+    was without the option (the tiny untrained network's classes are scattered), and summary.json counts what is
+    written."""
+    options = {"classes": CLASSES, "query_images": demo["queries"][:1], "save_previews": False}
+    options.update({k: demo[k] for k in ("support_images", "support_labels")})
+    maps = {}
+    for keep in (False, True):
+        run_inference(checkpoint, tmp_path / str(keep), keep_largest_component=keep, **options)
+        (entry,) = json.loads((tmp_path / str(keep) / "summary.json").read_text())["queries"]
+        maps[keep] = assert_label_map_like(demo["queries"][0], Path(entry["segmentation"]), {0, 1, 3})
+        for stats in entry["classes"].values():
+            assert stats["voxels"] == int((maps[keep] == stats["label_value"]).sum())
+    components = {keep: [ndimage.label(labels == v)[1] for v in CLASSES.values()] for keep, labels in maps.items()}
+    assert max(components[False]) > 1 and components[True] == [1, 1], components
+    kept = maps[True] != 0
+    np.testing.assert_array_equal(maps[True][kept], maps[False][kept])  # only removes voxels
+
+
+def test_keep_largest_component_keeps_values_dtype_and_geometry() -> None:
+    labels = np.zeros((1, 6, 6, 6), dtype=np.int16)
+    labels[0, :2, :2, :2] = 3  # 8 voxels
+    labels[0, 5, 5, 5] = 3  # a second object of class 3
+    labels[0, 3:5, 0, 0] = 7  # class 7: one object of 2 voxels
+    labels[0, 0, 5, 5] = 7  # and one of 1
+    image = MetaTensor(torch.as_tensor(labels), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    result = KeepLargestComponentd("pred")({"pred": image})["pred"]
+    assert isinstance(result, MetaTensor) and result.dtype == torch.int16
+    torch.testing.assert_close(result.affine, image.affine)
+    expected = labels.copy()
+    expected[0, 5, 5, 5] = expected[0, 0, 5, 5] = 0
+    np.testing.assert_array_equal(result.numpy(), expected)
 
 
 def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, demo: dict, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from scripts.data.derived_classes import DerivedClass, centroid
 from scripts.data.episodes import EpisodeDataset
@@ -206,7 +208,8 @@ def test_the_real_data_check_passes_on_off_ids_as_the_bundle_command_line_reads_
 @pytest.mark.slow
 def test_the_real_data_check_writes_its_report_and_a_picture_per_case(demo_dataset: Path, tmp_path: Path) -> None:
     """scripts/real_data_check.py end to end on the demo data with a tiny network that takes coordinate channels:
-    training, every strategy, the controls and the UNet, the JSON the issue asks for, one picture per case."""
+    training, every strategy with the largest component kept, the controls and the UNet, the JSON the issue asks for,
+    one picture per case."""
     tiny = tmp_path / "tiny.json"
     tiny.write_text(json.dumps({"base_channels": 4, "num_heads": 2, "num_query_tokens": 2,
                                 "channel_multipliers": [1, 2, 4, 8], "patch_size": [32, 32, 32],
@@ -217,7 +220,7 @@ def test_the_real_data_check_writes_its_report_and_a_picture_per_case(demo_datas
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "real_data_check.py"), "--dataset", str(demo_dataset),
          "--output_dir", str(out), "--preset", str(tiny), "--draws", "1", "--unet_seconds", "3", "--tuning_steps", "2",
-         "--groups", "['held_out']"],
+         "--groups", "['held_out']", "--keep_largest_component", "True"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -229,3 +232,6 @@ def test_the_real_data_check_writes_its_report_and_a_picture_per_case(demo_datas
     pictures = sorted(path.name for path in (out / "cases").glob("*.png"))
     assert pictures == sorted(f"{Path(case['image']).name.split('.')[0]}_held_out.png" for case in validation)
     assert read_model_settings(out / "models" / "model.pt")["coordinate_channels"] is True
+    assert report["keep_largest_component"] is True  # passed to inference.json: each class one object in every map
+    maps = [np.asarray(nib.load(path).dataobj) for path in (out / "work").glob("held_out/draw0/*/*_seg.nii.gz")]
+    assert maps and all(ndimage.label(labels == value)[1] == 1 for labels in maps for value in np.unique(labels)[1:])

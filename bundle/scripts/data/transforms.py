@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -28,6 +29,7 @@ from monai.transforms import (
     Spacingd,
 )
 from monai.utils import TraceKeys
+from scipy import ndimage
 
 from ..errors import IrisInputError
 
@@ -331,4 +333,42 @@ class LogitsToLabelMapd(MapTransform):
                 if isinstance(logits, MetaTensor)
                 else labels
             )
+        return d
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of a boolean array (all False when it is empty).
+
+    scipy's ``ndimage.label``, not MONAI's ``get_largest_connected_component_mask``, which needs scikit-image (not a
+    bundle requirement).
+    """
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    return components == int(np.argmax(np.bincount(components.ravel())[1:])) + 1
+
+
+class KeepLargestComponentd(MapTransform):
+    """In label maps (1 x D x H x W of label values), keep only each class's largest connected component.
+
+    For anatomy where every structure is one object (organs, brain regions), voxels of a class away from its main
+    object are false positives: nnU-Net's post-processing. Works on any label values, unlike MONAI's
+    ``KeepLargestConnectedComponentd``, which also needs scikit-image.
+
+    Args:
+        keys: keys of the label maps.
+        allow_missing_keys: don't raise for keys that are absent.
+    """
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            labels = d[key]
+            array = np.asarray(torch.as_tensor(labels).detach().cpu())
+            kept = np.zeros_like(array)
+            for value in np.unique(array[array != 0]):
+                kept[largest_component(array == value)] = value
+            if isinstance(labels, MetaTensor):
+                kept = MetaTensor(kept, meta=labels.meta, applied_operations=labels.applied_operations)
+            d[key] = torch.as_tensor(kept, device=labels.device) if isinstance(labels, torch.Tensor) else kept
         return d

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice
-from scipy import ndimage
+
+from ..data.transforms import largest_component
 
 PERCENTILES = (5.0, 95.0)
 CONTROLS = ("intensity_rule", "position_rule")
@@ -25,9 +26,6 @@ def intensity_rule(
     reference_image: np.ndarray, reference_mask: np.ndarray, query_image: np.ndarray, percentiles=PERCENTILES
 ) -> np.ndarray:
     """Largest connected component of the query voxels within the reference foreground's intensity percentiles.
-
-    scipy's ``ndimage.label``, not MONAI's ``get_largest_connected_component_mask``, which needs scikit-image (not a
-    bundle requirement).
 
     Args:
         reference_image, reference_mask: D x H x W reference intensities and binary mask of the class.
@@ -40,11 +38,7 @@ def intensity_rule(
     if values.size == 0:
         return np.zeros(query_image.shape, dtype=bool)
     low, high = np.percentile(values, percentiles)
-    components, count = ndimage.label((query_image >= low) & (query_image <= high))
-    if count == 0:
-        return np.zeros(query_image.shape, dtype=bool)
-    sizes = np.bincount(components.ravel())[1:]
-    return components == int(np.argmax(sizes)) + 1
+    return largest_component((query_image >= low) & (query_image <= high))
 
 
 def position_rule(reference_mask: np.ndarray, query_shape: Sequence[int]) -> np.ndarray:
