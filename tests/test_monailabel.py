@@ -356,3 +356,12 @@ def test_fine_tuned_weights_are_used_when_newer_unless_the_checkpoint_is_pinned(
     assert pinned.active_checkpoint() == given and "pinned" in pinned.describe_weights()
     given.touch()  # a newer checkpoint (e.g. a new training run) takes over again
     assert settings.active_checkpoint() == given and "is not used" in settings.describe_weights()
+
+
+def test_conf_values_become_bundle_overrides_of_their_json_type(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "monailabel"))
+    from lib.bundle import IrisSettings
+
+    conf = {"keep_largest_component": "true", "sw_overlap": "0.25", "modality": "MRI", "unknown_key": "1"}
+    settings = IrisSettings.from_conf(str(tmp_path), conf)
+    assert settings.overrides == {"keep_largest_component": True, "sw_overlap": 0.25, "modality": "MRI"}

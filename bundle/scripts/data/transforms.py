@@ -352,8 +352,8 @@ class KeepLargestComponentd(MapTransform):
     """In label maps (1 x D x H x W of label values), keep only each class's largest connected component.
 
     For anatomy where every structure is one object (organs, brain regions), voxels of a class away from its main
-    object are false positives: nnU-Net's post-processing. Works on any label values, unlike MONAI's
-    ``KeepLargestConnectedComponentd``, which also needs scikit-image.
+    object are false positives: nnU-Net's post-processing. MONAI's ``KeepLargestConnectedComponentd`` does the same
+    with scikit-image, not a bundle requirement.
 
     Args:
         keys: keys of the label maps.

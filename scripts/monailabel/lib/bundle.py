@@ -36,6 +36,7 @@ BUNDLE_SETTINGS = (
     "sw_batch_size",
     "sw_overlap",
     "sw_mirror_axes",
+    "keep_largest_component",
 )
 
 
