@@ -350,8 +350,8 @@ def check(
         raise ValueError(
             f"{dataset_path} needs held_out_labels, a validation split and at least {ensemble_k} training subjects."
         )
-    report: dict = {"dataset": str(dataset_path), "preset": str(preset), "with_demo": with_demo, "overrides": overrides}
-    report["keep_largest_component"] = keep_largest_component
+    report: dict = {"dataset": str(dataset_path), "preset": str(preset), "with_demo": with_demo, "overrides": overrides,
+                    "keep_largest_component": keep_largest_component}  # fmt: skip
     model = out / "models" / "model.pt"
     if not skip_training:
         report.update(train(dataset_path, out, Path(preset).resolve(), with_demo, overrides))

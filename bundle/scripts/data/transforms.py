@@ -367,10 +367,10 @@ class KeepLargestComponentd(MapTransform):
             labels = d[key]
             array = np.asarray(torch.as_tensor(labels).detach().cpu())
             kept = np.zeros_like(array)
-            boxes = ndimage.find_objects(array.astype(np.int32))  # per label value: its bounding box, in one pass
-            for value in np.unique(array[array != 0]):
-                box = boxes[int(value) - 1]
-                kept[box][largest_component(array[box] == value)] = value
+            # find_objects gives each label value present its bounding box (None for absent values), in one pass
+            for value, box in enumerate(ndimage.find_objects(array.astype(np.int32, copy=False)), start=1):
+                if box is not None:
+                    kept[box][largest_component(array[box] == value)] = value
             if isinstance(labels, MetaTensor):
                 kept = MetaTensor(kept, meta=labels.meta, applied_operations=labels.applied_operations)
             d[key] = torch.as_tensor(kept, device=labels.device) if isinstance(labels, torch.Tensor) else kept
