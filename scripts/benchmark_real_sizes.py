@@ -9,7 +9,9 @@ Synthetic volumes of three sizes (labelled blobs; the cost does not depend on wh
 0.8x0.8x1.0 mm resampled to 1.5 mm (274x274x200). For each, the seconds of one training episode
 (``EpisodeDataset[i]``, built as a DataLoader worker builds it) with the demo preset (32³ patches) and the paper preset
 (128³ patches), with the pool in memory and on disk; the CPU seconds of one-shot inference with the demo network (the
-brain also with mirrored windows) and the seconds per class of the match check; and the data-wait fraction that the
+brain also with mirrored windows), the seconds per class of the match check, and the seconds from logits to the label
+map on the query's grid (each class's probabilities resampled, against a label map resampled with nearest neighbours,
+for the brain at the CPU preset's 1.6 mm and the CT volume); and the data-wait fraction that the
 paper preset's batch of 32 episodes would have with 8 DataLoader workers, from the episode cost and the recorded H200
 step.
 ``--brains`` adds the same measurements on a real dataset.
@@ -28,6 +30,8 @@ import fire
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
@@ -35,11 +39,13 @@ sys.path.insert(0, str(HERE.parent / "bundle"))
 
 from scripts.data.episodes import EpisodeDataset  # noqa: E402
 from scripts.data.pool import DatasetPool  # noqa: E402
+from scripts.data.transforms import InvertedLabelMapd, label_map  # noqa: E402
 from scripts.networks import build_iris_net  # noqa: E402
 from scripts.performance import channels_last  # noqa: E402
 from scripts.segmentation.inferers import InContextInferer  # noqa: E402
 from scripts.segmentation.match import cycle_dice  # noqa: E402
 from scripts.segmentation.model_io import DEFAULT_SETTINGS  # noqa: E402
+from scripts.segmentation.support import preprocessing  # noqa: E402
 
 VOLUMES = {  # name: shape, spacing (mm), structures, target spacing
     "demo": ((64, 64, 48), (1.5, 1.5, 1.5), 12, None),
@@ -47,6 +53,7 @@ VOLUMES = {  # name: shape, spacing (mm), structures, target spacing
     "ct_512x512x300": ((512, 512, 300), (0.8, 0.8, 1.0), 15, (1.5, 1.5, 1.5)),
 }
 PRESETS = {"demo": (32, 32, 32), "paper": (128, 128, 128)}
+LABEL_MAP_GRIDS = {"brain_1mm": (1.6, 1.6, 1.6), "ct_512x512x300": (1.5, 1.5, 1.5)}  # processing grid of the queries
 DEMO_NETWORK = {key: DEFAULT_SETTINGS[key] for key in ("base_channels", "num_query_tokens", "channel_multipliers")}
 H200_STEP_S = 0.248  # paper preset, 2 episodes per step (docs/benchmarks.md, run 2)
 PAPER_BATCH, WORKERS = 32, 8
@@ -118,6 +125,26 @@ def match_seconds_per_class(volume: torch.Tensor, classes: int) -> float:
     return (time.perf_counter() - start) / classes
 
 
+def label_map_seconds(image: Path, target_spacing: tuple[float, ...], classes: int) -> dict[str, float]:
+    """Seconds from ``classes`` logits on the processing grid to the label map on the query's grid: each class's
+    probabilities resampled linearly (``InvertedLabelMapd``, as inference.json does) and, the baseline in the same
+    process, the label map made on the grid and resampled with nearest neighbours (inference.json until 0.9.2)."""
+    transform = preprocessing("CT", target_spacing, ["image"], track_meta=True)
+    grid = transform({"image": str(image)})["image"]
+    logits = MetaTensor(torch.randn(classes, *grid.shape[1:]).half(), meta=grid.meta)
+    logits.applied_operations = grid.applied_operations
+    values = list(range(1, classes + 1))
+    start = time.perf_counter()
+    labels = MetaTensor(label_map(logits.as_tensor(), torch.tensor(values, dtype=torch.int16)), meta=grid.meta)
+    Invertd("pred", transform, orig_keys="image", nearest_interp=True)({"pred": labels, "image": grid})
+    nearest = time.perf_counter() - start
+    start = time.perf_counter()
+    InvertedLabelMapd("pred", transform, "image", values)({"pred": logits, "image": grid})
+    resampled = time.perf_counter() - start
+    return {"nearest_label_map": round(nearest, 2), "resampled_probabilities": round(resampled, 2),
+            "ratio": round(resampled / nearest, 1)}  # fmt: skip
+
+
 def main(
     output: str = "real_sizes.json",
     episodes: int = 5,
@@ -125,12 +152,16 @@ def main(
     threads: int = 1,
     inference_threads: int = 2,
     volumes: list[str] | None = None,
+    parts: list[str] | None = None,
 ) -> None:
     """Measure and write the results (see the module docstring); episodes are built with ``threads`` torch threads,
     as one DataLoader worker builds them, inference runs with ``inference_threads``. Mirrored inference (8 passes per
     window) is measured on the brain; on the CT volume it costs the same factor. ``volumes``: a subset of the volume
-    names (``demo``, ``brain_1mm``, ``ct_512x512x300``, ``real_brains``) to measure."""
-    results: dict = {"episode_seconds": {}, "inference_seconds": {}, "match_seconds_per_class": {}, "threads": threads}
+    names (``demo``, ``brain_1mm``, ``ct_512x512x300``, ``real_brains``) to measure, ``parts`` a subset of ``episodes``,
+    ``inference`` (with the match check) and ``label_map``."""
+    parts = parts or ["episodes", "inference", "label_map"]
+    results: dict = {"episode_seconds": {}, "inference_seconds": {}, "match_seconds_per_class": {},
+                     "label_map_seconds": {}, "threads": threads}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         datasets = {
             name: (write_dataset(Path(work) / name, shape, spacing, count), target)
@@ -141,7 +172,7 @@ def main(
         for name, (path, target) in datasets.items():
             if volumes is not None and name not in volumes:
                 continue
-            for cache in ("memory", "disk"):
+            for cache in ("memory", "disk") if "episodes" in parts else ():
                 torch.set_num_threads(4)
                 pool = DatasetPool([str(path)], "training", target, num_workers=2, cache=cache,
                                    cache_dir=str(Path(work) / "cache" / name))  # fmt: skip
@@ -150,7 +181,7 @@ def main(
                     seconds = episode_seconds(pool, patch, episodes)
                     results["episode_seconds"][f"{name}/{cache}/{preset}"] = round(seconds, 3)
                     print(f"episode {name} ({cache} cache) {preset} preset: {seconds:.3f} s", flush=True)
-            if name in ("demo", "brain_1mm", "ct_512x512x300"):
+            if name in ("demo", "brain_1mm", "ct_512x512x300") and "inference" in parts:
                 torch.set_num_threads(inference_threads)
                 volume = DatasetPool([str(path)], "validation", target, num_workers=1).subjects[0].image
                 seconds = match_seconds_per_class(volume, 6)
@@ -161,6 +192,12 @@ def main(
                     key = f"{name}/{tuple(volume.shape[1:])}/mirror_{len(mirror)}axes"
                     results["inference_seconds"][key] = round(seconds, 1)
                     print(f"inference {key}: {seconds:.1f} s", flush=True)
+            if name in LABEL_MAP_GRIDS and "label_map" in parts:
+                torch.set_num_threads(inference_threads)
+                image = path.parent / "images" / "case2.nii.gz"
+                timing = label_map_seconds(image, LABEL_MAP_GRIDS[name], 6)
+                results["label_map_seconds"][f"{name}/6 classes/{LABEL_MAP_GRIDS[name][0]} mm"] = timing
+                print(f"label map {name}: {timing}", flush=True)
     paper = max((value for key, value in results["episode_seconds"].items() if key.endswith("memory/paper")), default=0)
     step = H200_STEP_S * PAPER_BATCH / 2  # the recorded step scaled to 32 episodes
     data = PAPER_BATCH * paper / WORKERS

@@ -159,10 +159,11 @@ def segment(
     output_dir: Path,
     tuning_steps: int,
     modality: str,
-    keep_largest_component: bool = False,
+    options: Mapping[str, object],
 ) -> dict[str, str]:
     """Run ``inference.json`` as a user would, naming the queries' modality (needed when the model was trained on
-    several, as with ``--with_demo``); returns query -> written label map."""
+    several, as with ``--with_demo``) and with the ``inference.json`` ``options``; returns query -> written label
+    map."""
     bundle_run(
         config_file=str(BUNDLE / "configs" / "inference.json"),
         bundle_root=str(BUNDLE),
@@ -176,7 +177,7 @@ def segment(
         modality=modality,
         output_dir=str(output_dir),
         save_previews=False,
-        keep_largest_component=keep_largest_component,
+        **options,
     )
     summary = json.loads((output_dir / "summary.json").read_text())
     return {entry["query"]: entry["segmentation"] for entry in summary["queries"]}
@@ -336,11 +337,13 @@ def check(
     unet_dir: str | None = None,
     groups: Sequence[str] = GROUPS,
     keep_largest_component: bool = False,
+    threshold_from_reference_volume: bool = False,
+    lowest_threshold: float = 0.05,
     **overrides,
 ) -> dict:
     """Train (unless ``skip_training``) and score; see the module docstring. ``overrides`` are train.json ids;
     ``unet_dir`` keeps the UNet's results for later checks of the same dataset (the UNet does not depend on IRIS);
-    ``keep_largest_component`` is ``inference.json``'s."""
+    ``keep_largest_component``, ``threshold_from_reference_volume`` and ``lowest_threshold`` are inference.json's."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     dataset_path, out = Path(dataset).resolve(), Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -350,8 +353,11 @@ def check(
         raise ValueError(
             f"{dataset_path} needs held_out_labels, a validation split and at least {ensemble_k} training subjects."
         )
+    options = {"keep_largest_component": keep_largest_component,
+               "threshold_from_reference_volume": threshold_from_reference_volume,
+               "lowest_threshold": lowest_threshold}  # fmt: skip
     report: dict = {"dataset": str(dataset_path), "preset": str(preset), "with_demo": with_demo, "overrides": overrides,
-                    "keep_largest_component": keep_largest_component}  # fmt: skip
+                    **options}  # fmt: skip
     model = out / "models" / "model.pt"
     if not skip_training:
         report.update(train(dataset_path, out, Path(preset).resolve(), with_demo, overrides))
@@ -374,15 +380,7 @@ def check(
                 name = "one_shot" if strategy == "wrong_reference" else strategy
                 start = time.perf_counter()
                 written[strategy] = segment(
-                    model,
-                    queries,
-                    references,
-                    classes,
-                    name,
-                    work / strategy,
-                    tuning_steps,
-                    info.modality,
-                    keep_largest_component,
+                    model, queries, references, classes, name, work / strategy, tuning_steps, info.modality, options
                 )
                 logger.info(f"{group}, draw {draw}, {strategy}: {time.perf_counter() - start:.1f} s")
             if unet_seconds > 0:

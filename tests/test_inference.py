@@ -17,12 +17,13 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
+from monai.transforms import Invertd
 from PIL import Image
 from scipy import ndimage
 
 from scripts.data import image_io
 from scripts.data.image_io import QueryFilesError, query_files, quiet_nvimagecodec_notices, unreadable_reason
-from scripts.data.transforms import KeepLargestComponentd, label_map
+from scripts.data.transforms import InvertedLabelMapd, KeepLargestComponentd, label_map
 from scripts.drawing import overlay_panels, preview
 from scripts.errors import user_error
 from scripts.inference.task_setup import resolve_classes
@@ -30,7 +31,7 @@ from scripts.networks import build_iris_net, extra_state
 from scripts.segmentation.inferers import InContextInferer
 from scripts.segmentation.mirroring import mirrored
 from scripts.segmentation.model_io import training_settings
-from scripts.segmentation.support import SupportSetError, load_references
+from scripts.segmentation.support import SupportSetError, load_references, preprocessing
 from scripts.segmentation.task_embeddings import tuning_patches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,27 @@ def test_keep_largest_component_leaves_each_class_one_object(checkpoint: Path, d
     np.testing.assert_array_equal(maps[True][kept], maps[False][kept])  # only removes voxels
 
 
+def test_label_map_from_resampled_probabilities_matches_resampling_all_classes_at_once(tmp_path: Path) -> None:
+    """``InvertedLabelMapd`` takes each class's probabilities back to the query's 1 mm grid one class at a time: the
+    same label map as resampling the K-channel probabilities together, in the query's geometry."""
+    path = tmp_path / "query.nii.gz"
+    affine = np.array([[-1.0, 0, 0, 10], [0, 1, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(30, 26, 22)).astype(np.float32), affine), path)
+    transform = preprocessing("MRI", [2.0, 2.0, 2.0], ["image"], track_meta=True)
+    query = transform({"image": str(path)})["image"]
+    logits = MetaTensor(torch.randn(3, *query.shape[1:]).half() * 4, meta=query.meta)
+    values = [2, 5, 9]
+    result = InvertedLabelMapd("pred", transform, "image", values)({"pred": logits, "image": query})["pred"]
+    assert tuple(result.shape[1:]) == (30, 26, 22) and result.dtype == torch.int16
+    np.testing.assert_allclose(result.affine.numpy(), affine, atol=1e-5)
+    together = Invertd("pred", transform, orig_keys="image", nearest_interp=False)(
+        {"pred": MetaTensor(torch.sigmoid(logits.float()), meta=query.meta), "image": query}
+    )["pred"]
+    expected = label_map(together.as_tensor(), torch.tensor(values, dtype=torch.int16), threshold=0.5)
+    np.testing.assert_array_equal(result.numpy(), expected.numpy())
+    assert set(np.unique(result.numpy())) == {0, *values}
+
+
 def test_keep_largest_component_keeps_values_dtype_and_geometry() -> None:
     labels = np.zeros((1, 6, 6, 6), dtype=np.int16)
     labels[0, :2, :2, :2] = 3  # 8 voxels
@@ -171,6 +193,50 @@ def test_keep_largest_component_keeps_values_dtype_and_geometry() -> None:
     expected = labels.copy()
     expected[0, 5, 5, 5] = expected[0, 0, 5, 5] = 0
     np.testing.assert_array_equal(result.numpy(), expected)
+
+
+def test_threshold_from_reference_volume_only_grows_objects_and_travels_with_the_embeddings(
+    checkpoint: Path, demo: dict, tmp_path: Path
+) -> None:
+    """``threshold_from_reference_volume`` (whose thresholds ``test_volume_calibration.py`` checks): each class's volume
+    is its mean over the references that label it, summary.json gives each class's threshold (between the floor and
+    0.5), the label map keeps every voxel of the one at 0.5, and an embeddings file written with it carries the
+    references' volumes, so that segmenting from the file alone gives the same map; the memory bank, which has no
+    references, is refused."""
+    options = {"classes": CLASSES, "query_images": demo["queries"][:1], "save_previews": False}
+    support = {k: demo[k] for k in ("support_images", "support_labels")}
+    calibrated = {"threshold_from_reference_volume": True, "lowest_threshold": 0.2}
+    embeddings = str(tmp_path / "task.pt")
+    run_inference(checkpoint, tmp_path / "plain", **options, **support)
+    workflow = run_inference(
+        checkpoint, tmp_path / "calibrated", embeddings_file=embeddings, **calibrated, **options, **support
+    )
+    run_inference(checkpoint, tmp_path / "from_file", embeddings_file=embeddings, **calibrated, **options)
+    maps, thresholds = {}, {}
+    for run in ("plain", "calibrated", "from_file"):
+        (entry,) = json.loads((tmp_path / run / "summary.json").read_text())["queries"]
+        maps[run] = assert_label_map_like(demo["queries"][0], Path(entry["segmentation"]), {0, 1, 3})
+        thresholds[run] = [stats.get("threshold") for stats in entry["classes"].values()]
+    assert thresholds["plain"] == [None, None]
+    assert (
+        all(0.2 <= t <= 0.5 for t in thresholds["calibrated"]) and thresholds["from_file"] == thresholds["calibrated"]
+    )
+    assert ((maps["calibrated"] != 0) | (maps["plain"] == 0)).all()  # a voxel labelled at 0.5 stays labelled
+    np.testing.assert_array_equal(maps["from_file"], maps["calibrated"])
+    labels = [nib.load(path) for path in demo["support_labels"]]
+    expected = []  # each class's mean volume (mm³) over the references that label it, from the files themselves
+    for value in CLASSES.values():
+        counts = [int((np.asarray(label.dataobj) == value).sum()) for label in labels]
+        expected.append(
+            np.mean([n * abs(np.linalg.det(label.affine[:3, :3])) for n, label in zip(counts, labels) if n])
+        )
+    volumes = workflow.parser.get_parsed_content("inferer").calibration.volumes
+    np.testing.assert_allclose(volumes, expected, rtol=1e-5)
+    np.testing.assert_allclose(torch.load(embeddings, weights_only=True)["reference_volumes"], expected, rtol=1e-5)
+    memory = {"strategy": "memory", "classes": ["IrisDemo/sphere"], "query_images": demo["queries"][:1]}
+    with pytest.raises(Exception) as error:
+        run_inference(checkpoint, tmp_path / "memory", **memory, **calibrated)
+    assert "threshold_from_reference_volume needs references" in chained_messages(error.value)
 
 
 def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, demo: dict, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    Invertd,
     InvertibleTransform,
     MapTransform,
     NormalizeIntensityd,
@@ -308,31 +309,45 @@ def label_map(scores: torch.Tensor, label_values: torch.Tensor, threshold: float
     return torch.where(best > threshold, labels, torch.zeros_like(labels))
 
 
-class LogitsToLabelMapd(MapTransform):
-    """Per-class logits (K x D x H x W) -> one label map (1 x D x H x W) of the classes' label values.
+class InvertedLabelMapd(MapTransform):
+    """Per-class logits on the processing grid (K x D x H x W) -> one label map on the query's grid (1 x ...).
 
-    Each voxel takes the class of highest probability among those above 0.5 (logit > 0), or 0; no K-channel
-    probability buffer is kept.
+    Each class's probabilities go back to the query's grid (the inverse of ``transform``, with its linear
+    interpolation) before the classes are compared, as nnU-Net resamples probabilities rather than a label map: thin
+    structures keep smooth borders instead of the steps of nearest-neighbour upsampling. One class at a time, so that
+    memory holds two query-sized buffers whatever the number of classes. Each voxel takes the class of highest
+    probability among those above 0.5, or 0.
 
     Args:
         keys: keys of the logits.
+        transform: the preprocessing that made the processing grid.
+        orig_key: the key of the query image it was applied to.
         label_values: output value of each class channel, in channel order.
     """
 
-    def __init__(self, keys: KeysCollection, label_values: Sequence[int]) -> None:
+    def __init__(
+        self, keys: KeysCollection, transform: InvertibleTransform, orig_key: str, label_values: Sequence[int]
+    ) -> None:
         super().__init__(keys)
-        self.label_values = torch.as_tensor(list(label_values), dtype=torch.int16)
+        self.invert = Invertd("probability", transform, orig_keys=orig_key, nearest_interp=False)
+        self.orig_key = orig_key
+        self.label_values = [int(value) for value in label_values]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             logits = d[key]
-            labels = label_map(logits, self.label_values)
-            d[key] = (
-                MetaTensor(labels, meta=logits.meta, applied_operations=logits.applied_operations)
-                if isinstance(logits, MetaTensor)
-                else labels
-            )
+            labels = best = probability = None
+            for k, value in enumerate(self.label_values):
+                channel = torch.sigmoid(logits[k : k + 1].float())
+                probability = self.invert({"probability": channel, self.orig_key: d[self.orig_key]})["probability"]
+                if labels is None:
+                    labels = torch.zeros(probability.shape, dtype=torch.int16, device=probability.device)
+                    best = torch.full(probability.shape, 0.5, device=probability.device)
+                better = probability.as_tensor() > best
+                labels[better] = value
+                best = torch.where(better, probability.as_tensor(), best)
+            d[key] = MetaTensor(labels, meta=probability.meta, applied_operations=probability.applied_operations)
         return d
 
 

@@ -41,7 +41,8 @@ class InferenceReport:
         output_ext: suffix of the written segmentations (``.png`` for 2D queries).
         skipped: unreadable queries that were skipped (file -> reason), listed in the summary.
         inferer: the in-context inferer, whose match check (if any) gives each class's ``match_score`` and
-            ``match_warning``; a warning is also one log line.
+            ``match_warning`` (a warning is also one log line), and whose reference-volume calibration (if any) gives
+            each class's probability ``threshold``.
     """
 
     def __init__(
@@ -102,6 +103,10 @@ class InferenceReport:
                 name: {"label_value": self.classes[name], "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
                 for name, n in counts.items()
             }
+            calibration = getattr(self.inferer, "calibration", None)
+            if calibration is not None:
+                for entry, threshold in zip(classes.values(), calibration.thresholds):
+                    entry["threshold"] = round(threshold, 4)
             matcher = getattr(self.inferer, "matcher", None)
             if matcher is not None:
                 for (name, entry), score in zip(classes.items(), matcher.scores):

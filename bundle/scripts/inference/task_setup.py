@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
@@ -18,6 +19,7 @@ from ..segmentation.inferers import InContextInferer
 from ..segmentation.match import ReferenceMatch
 from ..segmentation.support import SupportSetError, load_references
 from ..segmentation.task_embeddings import encode_references
+from ..segmentation.volume_calibration import ReferenceVolumeCalibration
 from .strategies import TaskInputs, apply_strategy, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -61,10 +63,22 @@ def load_embeddings(path: str | Path) -> dict:
     return content
 
 
-def save_embeddings(path: str | Path, classes: Mapping[str, int], embeddings: torch.Tensor, strategy: str) -> None:
-    """Write class names, label values and embeddings (1 x K x T x C) so references need not be shared."""
+def save_embeddings(
+    path: str | Path,
+    classes: Mapping[str, int],
+    embeddings: torch.Tensor,
+    strategy: str,
+    reference_volumes: Sequence[float] = (),
+) -> None:
+    """Write class names, label values, embeddings (1 x K x T x C) and each class's mean volume (mm³) in the
+    references, so that references need not be shared."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    content = {"classes": dict(classes), "embeddings": embeddings.detach().cpu(), "strategy": strategy}
+    content = {
+        "classes": dict(classes),
+        "embeddings": embeddings.detach().cpu(),
+        "strategy": strategy,
+        "reference_volumes": [float(volume) for volume in reference_volumes],
+    }
     torch.save(content, path)
 
 
@@ -120,6 +134,11 @@ class TaskSetupHandler:
         match_threshold: the model's match threshold (see :mod:`scripts.segmentation.match`): with references, every
             query's objects are scored against each class's first reference, and those below it get a warning.
         drop_warned: leave classes with a warning out of the label map.
+        threshold_from_reference_volume: lower each class's threshold (to ``lowest_threshold`` at most) until its
+            object reaches the class's mean volume in the references (see
+            :mod:`scripts.segmentation.volume_calibration`).
+        lowest_threshold: the floor of those thresholds.
+        keep_largest_component: the label map keeps each class's largest object, so that is the one measured.
     """
 
     def __init__(
@@ -141,6 +160,9 @@ class TaskSetupHandler:
         coordinate_channels: bool = False,
         match_threshold: float | None = None,
         drop_warned: bool = False,
+        threshold_from_reference_volume: bool = False,
+        lowest_threshold: float = 0.05,
+        keep_largest_component: bool = False,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -154,6 +176,8 @@ class TaskSetupHandler:
         self.tuning_losses: list[float] = []
         self.in_channels, self.coordinate_channels = in_channels, coordinate_channels
         self.match_threshold, self.drop_warned = match_threshold, drop_warned
+        self.threshold_from_reference_volume, self.lowest_threshold = threshold_from_reference_volume, lowest_threshold
+        self.keep_largest_component = keep_largest_component
         self.done = False
 
     def check(self) -> None:
@@ -166,6 +190,10 @@ class TaskSetupHandler:
             )
         if not self.classes:
             raise SupportSetError("Give 'classes' (name -> label value, or memory-bank names for strategy 'memory').")
+        if self.threshold_from_reference_volume and not strategy.needs_references:
+            raise SupportSetError(
+                f"threshold_from_reference_volume needs references, which strategy '{self.strategy}' does not use."
+            )
         if not strategy.needs_references or self.support_images:
             return
         if not self.embeddings_file:
@@ -188,7 +216,9 @@ class TaskSetupHandler:
         strategy = get_strategy(self.strategy)
         self.done = True
         if strategy.needs_references and not self.support_images:
-            self.inferer.set_task(self._loaded(network))
+            embeddings, volumes = self._loaded(network)
+            self._calibrate(volumes)
+            self.inferer.set_task(embeddings)
             return
         names = list(self.classes)
         task = TaskInputs(
@@ -219,15 +249,34 @@ class TaskSetupHandler:
             self.inferer.matcher = ReferenceMatch(
                 network, images, masks.float(), self.patch_size, self.match_threshold, self.drop_warned
             )
+            volumes = [
+                float(np.mean([ref.volume(value) for ref in refs])) for refs, value in zip(task.references, task.values)
+            ]
+            self._calibrate(volumes)
         with TuningProgress(self.tuning_steps) as progress:
             task.on_tuning_step = progress
             embeddings = apply_strategy(self.strategy, task, self.inferer)
         self.tuning_losses = progress.losses
         if self.embeddings_file and strategy.needs_references:
-            save_embeddings(self.embeddings_file, self.classes, embeddings, self.strategy)
+            save_embeddings(self.embeddings_file, self.classes, embeddings, self.strategy, volumes)
             logger.info(f"Saved task embeddings of {names} to {self.embeddings_file}")
 
-    def _loaded(self, network: nn.Module) -> torch.Tensor:
+    def _calibrate(self, volumes: Sequence[float]) -> None:
+        """Set the inferer's reference-volume calibration, where it is asked for."""
+        if not self.threshold_from_reference_volume:
+            return
+        if len(volumes) != len(self.classes):
+            raise SupportSetError(
+                f"{self.embeddings_file} holds no reference volumes (it was written before bundle 0.9.3): give the "
+                "support images, or set threshold_from_reference_volume to false."
+            )
+        self.inferer.calibration = ReferenceVolumeCalibration(
+            volumes, self.lowest_threshold, self.keep_largest_component
+        )
+        sizes = ", ".join(f"{name} {volume / 1000:.2f} mL" for name, volume in zip(self.classes, volumes))
+        logger.info(f"Thresholds from the references' volumes: {sizes}")
+
+    def _loaded(self, network: nn.Module) -> tuple[torch.Tensor, list[float]]:
         content = load_embeddings(self.embeddings_file)
         embeddings = content["embeddings"]
         expected = network.token_shape
@@ -241,4 +290,4 @@ class TaskSetupHandler:
             raise SupportSetError(
                 f"{self.embeddings_file} holds classes {stored}, but 'classes' asks for {self.classes}."
             )
-        return embeddings.to(next(network.parameters()).device)
+        return embeddings.to(next(network.parameters()).device), list(content.get("reference_volumes", []))

@@ -13,6 +13,7 @@ from ..data.patches import bounding_box_centre, crop_patch, patch_size_for
 from .match import ReferenceMatch
 from .mirroring import check_mirror_axes, mirrored
 from .task_embeddings import ensemble
+from .volume_calibration import ReferenceVolumeCalibration
 
 
 class VolumeSlidingWindowInferer(SlidingWindowInferer):
@@ -98,6 +99,7 @@ class InContextInferer(Inferer):
             mirror_axes=mirror_axes,
         )
         self.task_embeddings: torch.Tensor | None = None
+        self.calibration: ReferenceVolumeCalibration | None = None  # each class's threshold from its reference volume
         self.matcher: ReferenceMatch | None = None  # scores each query's objects against the references
 
     def set_task(self, embeddings: torch.Tensor | None) -> None:
@@ -116,7 +118,10 @@ class InContextInferer(Inferer):
         return self._checked(inputs, self._segment(inputs, network, self.task_embeddings))
 
     def _checked(self, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The logits after the match check of :attr:`matcher` (which may drop warned classes), if there is one."""
+        """The logits after :attr:`calibration` and then the match check of :attr:`matcher` (which may drop warned
+        classes), where they are set: the match check scores the objects that will be written."""
+        if self.calibration is not None:
+            logits = self.calibration(inputs, logits)
         return logits if self.matcher is None else self.matcher(inputs, logits)
 
     def _segment(self, inputs: torch.Tensor, network: nn.Module, embeddings: torch.Tensor | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from ..data.patches import binary_masks, bounding_box_centre, crop_around
 from ..data.pool import Subject
 from ..data.transforms import subject_preprocessing
 from ..errors import IrisInputError
+from .volume_calibration import voxel_volume
 
 
 class SupportSetError(IrisInputError):
@@ -27,6 +28,13 @@ class Reference:
 
     path: str
     subject: Subject  # image and label 1 x D x H x W, ``foreground`` holds all voxels of each class
+    voxel_volume: float | None = None  # mm³, where the reference was read from a file
+
+    def volume(self, value: int) -> float:
+        """mm³ of class ``value`` in this reference."""
+        if self.voxel_volume is None:
+            raise ValueError(f"The voxel size of {self.path} is unknown.")
+        return self.subject.voxels.get(value, 0) * self.voxel_volume
 
     def patch(self, value: int, patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (1 x P) and binary mask (1 x P) of class ``value``, centred on the class's bounding box."""
@@ -101,12 +109,14 @@ def load_references(
     if unreadable:
         raise SupportSetError("Unreadable support files: " + "; ".join(unreadable))
     transform = preprocessing(
-        modality, target_spacing, ("image", "label"), in_channels=in_channels, coordinate_channels=coordinate_channels
-    )
+        modality, target_spacing, ("image", "label"), track_meta=True, in_channels=in_channels,
+        coordinate_channels=coordinate_channels,
+    )  # fmt: skip
     references, problems = [], []
     for image_path, label_path in zip(images, labels):
         data = transform({"image": image_path, "label": label_path})
-        image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"]).round().to(torch.int16)
+        voxel = voxel_volume(data["label"])
+        image, label = data["image"].as_tensor().float(), data["label"].as_tensor().round().to(torch.int16)
         if image.shape[1:] != label.shape[1:]:
             problems.append(f"{label_path}: shape {tuple(label.shape[1:])} differs from {tuple(image.shape[1:])}")
             continue
@@ -117,7 +127,7 @@ def load_references(
                 foreground[value] = coords
         voxels = {value: len(coords) for value, coords in foreground.items()}
         subject = Subject(0, image_path, foreground, voxels, tuple(label.shape[1:]), tensors=(image, label))
-        references.append(Reference(label_path, subject))
+        references.append(Reference(label_path, subject, voxel))
     for name, value in classes.items():
         if not problems and not any(value in reference.subject.classes for reference in references):
             problems.append(f"class '{name}' (label value {value}) is labelled in none of {list(labels)}")

@@ -37,6 +37,8 @@ BUNDLE_SETTINGS = (
     "sw_overlap",
     "sw_mirror_axes",
     "keep_largest_component",
+    "threshold_from_reference_volume",
+    "lowest_threshold",
 )
 
 
