@@ -202,7 +202,7 @@ def test_threshold_from_reference_volume_only_grows_objects_and_travels_with_the
     is its mean over the references that label it, summary.json gives each class's threshold (between the floor and
     0.5), the label map keeps every voxel of the one at 0.5, and an embeddings file written with it carries the
     references' volumes, so that segmenting from the file alone gives the same map; the memory bank, which has no
-    references, is refused."""
+    references, is refused, and so is the embeddings file asked for its classes in another order."""
     options = {"classes": CLASSES, "query_images": demo["queries"][:1], "save_previews": False}
     support = {k: demo[k] for k in ("support_images", "support_labels")}
     calibrated = {"threshold_from_reference_volume": True, "lowest_threshold": 0.2}
@@ -237,6 +237,10 @@ def test_threshold_from_reference_volume_only_grows_objects_and_travels_with_the
     with pytest.raises(Exception) as error:
         run_inference(checkpoint, tmp_path / "memory", **memory, **calibrated)
     assert "threshold_from_reference_volume needs references" in chained_messages(error.value)
+    reordered = {**options, "classes": dict(reversed(CLASSES.items()))}  # the file's channels follow its own order
+    with pytest.raises(Exception) as error:
+        run_inference(checkpoint, tmp_path / "reordered", embeddings_file=embeddings, **reordered)
+    assert "in the same order" in chained_messages(error.value)
 
 
 def test_support_is_encoded_once_for_all_windows_and_queries(checkpoint: Path, demo: dict, tmp_path: Path) -> None:

@@ -35,12 +35,15 @@ def test_threshold_is_the_highest_whose_object_reaches_the_reference_volume() ->
     assert at[0.5] < at[0.45] < at[0.4] < at[0.35]
     # a reference volume between the objects at 0.4 and 0.35: 0.35 is the highest threshold that reaches it
     volumes = [(at[0.4] + 1) * SPACING**3, 0.5 * at[0.5] * SPACING**3, 1e9]  # larger, smaller, unreachable
-    calibration = ReferenceVolumeCalibration(volumes, lowest_probability=0.15)
+    calibration = ReferenceVolumeCalibration(volumes, lowest_threshold=0.15)
     calibrated = calibration(query(shape), logits.expand(1, 3, *shape).clone())
     assert calibration.thresholds == pytest.approx([0.35, 0.5, 0.15])  # never above 0.5, never below the floor
     for k, probability in enumerate(calibration.thresholds):
         assert int((calibrated[0, k] > 0).sum()) == voxels_above(logits, probability)  # 0 is the new 0.5
     assert int((calibrated[0, 0] > 0).sum()) * SPACING**3 >= volumes[0]
+    between_steps = ReferenceVolumeCalibration([1e9], lowest_threshold=0.12)  # a floor between two steps
+    between_steps(query(shape), logits[None, None])
+    assert between_steps.thresholds == [0.12]
 
 
 def test_each_class_is_calibrated_on_its_own_channel_and_largest_component_measures_one_object() -> None:
@@ -60,7 +63,7 @@ def test_each_class_is_calibrated_on_its_own_channel_and_largest_component_measu
 
 
 def test_bad_floor_and_plain_tensor_query_are_refused() -> None:
-    with pytest.raises(ValueError, match="lowest_probability"):
-        ReferenceVolumeCalibration([1.0], lowest_probability=0.6)
+    with pytest.raises(ValueError, match="lowest_threshold"):
+        ReferenceVolumeCalibration([1.0], lowest_threshold=0.6)
     with pytest.raises(TypeError, match="MetaTensor"):
         ReferenceVolumeCalibration([1.0])(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))

@@ -315,8 +315,8 @@ class InvertedLabelMapd(MapTransform):
     Each class's probabilities go back to the query's grid (the inverse of ``transform``, with its linear
     interpolation) before the classes are compared, as nnU-Net resamples probabilities rather than a label map: thin
     structures keep smooth borders instead of the steps of nearest-neighbour upsampling. One class at a time, so that
-    memory holds two query-sized buffers whatever the number of classes. Each voxel takes the class of highest
-    probability among those above 0.5, or 0.
+    memory holds a fixed number of query-sized buffers whatever the number of classes. Each voxel takes the class of
+    highest probability among those above 0.5, or 0.
 
     Args:
         keys: keys of the logits.
@@ -345,8 +345,8 @@ class InvertedLabelMapd(MapTransform):
                     labels = torch.zeros(probability.shape, dtype=torch.int16, device=probability.device)
                     best = torch.full(probability.shape, 0.5, device=probability.device)
                 better = probability.as_tensor() > best
-                labels[better] = value
-                best = torch.where(better, probability.as_tensor(), best)
+                labels.masked_fill_(better, value)
+                torch.maximum(best, probability.as_tensor(), out=best)
             d[key] = MetaTensor(labels, meta=probability.meta, applied_operations=probability.applied_operations)
         return d
 

@@ -194,6 +194,8 @@ class TaskSetupHandler:
             raise SupportSetError(
                 f"threshold_from_reference_volume needs references, which strategy '{self.strategy}' does not use."
             )
+        if self.threshold_from_reference_volume and not 0.0 < self.lowest_threshold <= 0.5:
+            raise SupportSetError(f"lowest_threshold must be in (0, 0.5], got {self.lowest_threshold}.")
         if not strategy.needs_references or self.support_images:
             return
         if not self.embeddings_file:
@@ -214,13 +216,13 @@ class TaskSetupHandler:
         self.check()
         network = unwrap(self.network)
         strategy = get_strategy(self.strategy)
-        self.done = True
         if strategy.needs_references and not self.support_images:
             embeddings, volumes = self._loaded(network)
             self._calibrate(volumes)
             self.inferer.set_task(embeddings)
+            self.done = True
             return
-        names = list(self.classes)
+        names, volumes = list(self.classes), []
         task = TaskInputs(
             network,
             names,
@@ -260,6 +262,7 @@ class TaskSetupHandler:
         if self.embeddings_file and strategy.needs_references:
             save_embeddings(self.embeddings_file, self.classes, embeddings, self.strategy, volumes)
             logger.info(f"Saved task embeddings of {names} to {self.embeddings_file}")
+        self.done = True
 
     def _calibrate(self, volumes: Sequence[float]) -> None:
         """Set the inferer's reference-volume calibration, where it is asked for."""
@@ -286,8 +289,9 @@ class TaskSetupHandler:
                 f"1 x K x {expected[0]} x {expected[1]}: it was computed with a different network size."
             )
         stored = {str(k): int(v) for k, v in content["classes"].items()}
-        if stored != self.classes:
+        if list(stored.items()) != list(self.classes.items()):  # the embeddings' channels follow the file's order
             raise SupportSetError(
-                f"{self.embeddings_file} holds classes {stored}, but 'classes' asks for {self.classes}."
+                f"{self.embeddings_file} holds classes {stored}, but 'classes' asks for {self.classes} (the same "
+                "names and values, in the same order)."
             )
         return embeddings.to(next(network.parameters()).device), list(content.get("reference_volumes", []))

@@ -33,7 +33,8 @@ class ReferenceVolumeCalibration:
 
     Args:
         volumes: each class's mean volume (mm³) in the references that label it, in channel order.
-        lowest_probability: the threshold is tried from 0.5 down to this value, in steps of ``step``.
+        lowest_threshold: the threshold is tried from 0.5 down to this value, in steps of ``step`` and then this
+            value.
         largest_component: measure only the largest connected object of each class, as ``keep_largest_component``
             will keep it.
         step: decrement of the tried thresholds.
@@ -42,14 +43,16 @@ class ReferenceVolumeCalibration:
     def __init__(
         self,
         volumes: Sequence[float],
-        lowest_probability: float = 0.05,
+        lowest_threshold: float = 0.05,
         largest_component: bool = False,
         step: float = 0.05,
     ) -> None:
-        if not 0.0 < lowest_probability <= 0.5:
-            raise ValueError(f"lowest_probability must be in (0, 0.5], got {lowest_probability}.")
+        if not 0.0 < lowest_threshold <= 0.5:
+            raise ValueError(f"lowest_threshold must be in (0, 0.5], got {lowest_threshold}.")
         self.volumes = [float(volume) for volume in volumes]
-        self.candidates = [round(float(p), 6) for p in np.arange(0.5, lowest_probability - 1e-9, -step)]
+        self.candidates = [round(float(p), 6) for p in np.arange(0.5, lowest_threshold - 1e-9, -step)]
+        if self.candidates[-1] > lowest_threshold + 1e-9:  # a floor between two steps is tried last
+            self.candidates.append(float(lowest_threshold))
         self.largest_component = largest_component
         self.thresholds: list[float] = []  # of the last query, reported in summary.json
 

@@ -144,7 +144,8 @@ class IrisInfer(InferTask):
                     status_code=409,
                     detail=f"No usable label in the datastore, no memory bank in {checkpoint}: label a volume first.",
                 )
-            task = {"classes": self.registry.register(memory_classes)}
+            # the memory bank has no references whose volumes could set thresholds: that --conf waits for a label
+            task = {"classes": self.registry.register(memory_classes), "threshold_from_reference_volume": False}
         extension, dtype = self._result_format(request)
         session = self._session_for(
             image, (str(checkpoint), checkpoint.stat().st_mtime_ns, strategy, repr(sorted(task.items())), extension,
