@@ -351,6 +351,15 @@ class InvertedLabelMapd(MapTransform):
         return d
 
 
+def voxel_volume(image: torch.Tensor) -> float:
+    """mm³ of one voxel of a MetaTensor (batched or not), from its affine."""
+    if not isinstance(image, MetaTensor):
+        raise TypeError("A voxel's volume needs a MetaTensor: its affine gives the voxel sizes.")
+    affine = torch.as_tensor(image.affine).double()
+    affine = affine[0] if affine.dim() == 3 else affine
+    return abs(float(torch.det(affine[:3, :3])))
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest face-connected component of a boolean array (all False when it is empty).
 

@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..data.image_io import LoadImagesd
+from ..data.transforms import voxel_volume
 from ..drawing import overlay_panels, preview
 from ..segmentation.inferers import InContextInferer
 
@@ -95,7 +96,7 @@ class InferenceReport:
         for item in engine.state.output:  # decollated: one dict per query
             labels = item["pred"]
             query = str(labels.meta["filename_or_obj"])
-            voxel_ml = abs(float(torch.det(torch.as_tensor(labels.affine)[:3, :3].double()))) / 1000.0
+            voxel_ml = voxel_volume(labels) / 1000.0
             array = torch.as_tensor(labels).cpu().numpy()[0]
             counts = {name: int((array == value).sum()) for name, value in self.classes.items()}
             stem = query_stem(query)

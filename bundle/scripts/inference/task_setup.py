@@ -19,7 +19,7 @@ from ..segmentation.inferers import InContextInferer
 from ..segmentation.match import ReferenceMatch
 from ..segmentation.support import SupportSetError, load_references
 from ..segmentation.task_embeddings import encode_references
-from ..segmentation.volume_calibration import ReferenceVolumeCalibration
+from ..segmentation.volume_calibration import ReferenceVolumeCalibration, check_lowest_threshold
 from .strategies import TaskInputs, apply_strategy, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -194,8 +194,8 @@ class TaskSetupHandler:
             raise SupportSetError(
                 f"threshold_from_reference_volume needs references, which strategy '{self.strategy}' does not use."
             )
-        if self.threshold_from_reference_volume and not 0.0 < self.lowest_threshold <= 0.5:
-            raise SupportSetError(f"lowest_threshold must be in (0, 0.5], got {self.lowest_threshold}.")
+        if self.threshold_from_reference_volume:
+            check_lowest_threshold(self.lowest_threshold)
         if not strategy.needs_references or self.support_images:
             return
         if not self.embeddings_file:

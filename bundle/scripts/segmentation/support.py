@@ -13,9 +13,8 @@ from monai.transforms import Compose
 from ..data.image_io import LoadImagesd, unreadable_reason
 from ..data.patches import binary_masks, bounding_box_centre, crop_around
 from ..data.pool import Subject
-from ..data.transforms import subject_preprocessing
+from ..data.transforms import subject_preprocessing, voxel_volume
 from ..errors import IrisInputError
-from .volume_calibration import voxel_volume
 
 
 class SupportSetError(IrisInputError):

@@ -14,18 +14,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 
-from ..data.transforms import largest_component
+from ..data.transforms import largest_component, voxel_volume
+from ..errors import IrisInputError
 
 
-def voxel_volume(image: torch.Tensor) -> float:
-    """mm³ of one voxel of a MetaTensor (batched or not), from its affine."""
-    if not isinstance(image, MetaTensor):
-        raise TypeError("Reference-volume calibration needs the query as a MetaTensor (its affine gives voxel sizes).")
-    affine = torch.as_tensor(image.affine).double()
-    affine = affine[0] if affine.dim() == 3 else affine
-    return abs(float(torch.det(affine[:3, :3])))
+def check_lowest_threshold(lowest_threshold: float) -> None:
+    """Refuse a floor outside (0, 0.5]: thresholds are only ever lowered from 0.5."""
+    if not 0.0 < lowest_threshold <= 0.5:
+        raise IrisInputError(f"lowest_threshold must be in (0, 0.5], got {lowest_threshold}.")
+
+
+def logit(probability: float) -> float:
+    """The logit at which the sigmoid gives ``probability``: thresholds are compared and shifted as logits."""
+    return math.log(probability / (1.0 - probability))
 
 
 class ReferenceVolumeCalibration:
@@ -47,8 +49,7 @@ class ReferenceVolumeCalibration:
         largest_component: bool = False,
         step: float = 0.05,
     ) -> None:
-        if not 0.0 < lowest_threshold <= 0.5:
-            raise ValueError(f"lowest_threshold must be in (0, 0.5], got {lowest_threshold}.")
+        check_lowest_threshold(lowest_threshold)
         self.volumes = [float(volume) for volume in volumes]
         self.candidates = [round(float(p), 6) for p in np.arange(0.5, lowest_threshold - 1e-9, -step)]
         if self.candidates[-1] > lowest_threshold + 1e-9:  # a floor between two steps is tried last
@@ -59,7 +60,7 @@ class ReferenceVolumeCalibration:
     def class_threshold(self, logits: torch.Tensor, target_voxels: float) -> float:
         """The highest candidate probability whose object (D x H x W logits above it) reaches ``target_voxels``."""
         for probability in self.candidates:
-            mask = (logits > math.log(probability / (1.0 - probability))).cpu().numpy()
+            mask = (logits > logit(probability)).cpu().numpy()
             if self.largest_component:
                 mask = largest_component(mask)
             if mask.sum() >= target_voxels:
@@ -72,5 +73,5 @@ class ReferenceVolumeCalibration:
             raise ValueError(f"Expected logits of 1 query x {len(self.volumes)} classes, got {tuple(logits.shape)}.")
         voxel = voxel_volume(query)
         self.thresholds = [self.class_threshold(logits[0, k], v / voxel) for k, v in enumerate(self.volumes)]
-        shift = torch.tensor([math.log(p / (1.0 - p)) for p in self.thresholds], dtype=logits.dtype)
+        shift = torch.tensor([logit(p) for p in self.thresholds], dtype=logits.dtype)
         return logits - shift.to(logits.device).view(1, -1, *[1] * (logits.dim() - 2))
