@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import inspect
 import json
 import logging
 import math
@@ -59,11 +60,17 @@ NETWORK_IDS = ("base_channels", "num_query_tokens", "num_heads", "decoder_depth"
 
 def config_network(*config_files: str) -> dict:
     """The network size that the bundle configs (later files override earlier ones) give ``build_iris_net``, so the
-    benchmark measures the networks that the Quick start and the paper recipe train."""
+    benchmark measures the networks that the Quick start and the paper recipe train: its defaults, the configs'
+    top-level ids and their ``network_def#...`` ids."""
     merged: dict = {}
     for name in config_files:
         merged.update(json.loads((BUNDLE_ROOT / "configs" / name).read_text()))
-    return {key: merged[key] for key in NETWORK_IDS}
+    defaults = inspect.signature(build_iris_net).parameters
+    network = {}
+    for key in NETWORK_IDS:
+        value = merged.get(f"network_def#{key}", merged.get(key, defaults[key].default))
+        network[key] = list(value) if isinstance(value, tuple) else value
+    return network
 
 
 PRESETS = {"demo": config_network("train.json", "demo.json"), "paper": config_network("train.json")}

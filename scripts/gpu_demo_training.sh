@@ -49,7 +49,7 @@ workers=(--num_workers 4)  # episodes are a function of (seed, index): workers c
 train quick_start "$left" "${workers[@]}" &
 train base16_batch4 "$left" "${workers[@]}" --base_channels 16 --batch_size 4 &
 train base16_batch4_6400 "$left" "${workers[@]}" --base_channels 16 --batch_size 4 --total_iterations 6400 \
-    --warmup_iterations 200 --decay_interval 400 --eval_every 1600 --checkpoint_every 1600 &
+    --warmup_iterations 200 --lr_scheduler#decay_interval 400 --eval_every 1600 --checkpoint_every 1600 &
 wait
 for name in quick_start base16_batch4 base16_batch4_6400; do
     report "$name"

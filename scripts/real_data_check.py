@@ -117,7 +117,7 @@ def train(dataset: Path, output_dir: Path, preset: Path, with_demo: bool, overri
         sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE),
         "--config_file", json.dumps([str(BUNDLE / "configs" / "train.json"), str(preset)]),
         "--data_pool", json.dumps(pool), "--ckpt_dir", str(output_dir / "models"),
-        "--output_dir", str(output_dir / "logs"), "--cache_dir", str(output_dir / "cache"),
+        "--output_dir", str(output_dir / "logs"), "--train#pool#cache_dir", str(output_dir / "cache"),
     ]  # fmt: skip
     command += override_arguments(overrides)
     log = output_dir / "training.log"

@@ -28,7 +28,8 @@ from scripts.segmentation.model_io import bundle_version, read_model_settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "meta_schema_20240725.json"  # copy of ../shared/schemas
-TINY = ["--base_channels", "4", "--num_heads", "4", "--channel_multipliers", "[1,2,4,8]", "--patch_size", "[32,32,32]"]
+TINY = ["--base_channels", "4", "--network_def#num_heads", "4", "--network_def#channel_multipliers", "[1,2,4,8]"]
+TINY += ["--patch_size", "[32,32,32]"]
 TINY += ["--batch_size", "2"]
 
 
@@ -74,8 +75,12 @@ def test_handlers_are_switched_off_by_name(demo_dataset: Path, tmp_path: Path) -
 
 def test_lowercase_switches_on_the_command_line_are_refused_before_work(demo_dataset: Path, tmp_path: Path) -> None:
     """fire reads `--resume false` as the text "false", which Python counts as on: refused, naming id and fix."""
-    options = {"dataset_dir": str(demo_dataset.parent), "output_dir": str(tmp_path / "logs"), "cache": "disk"}
-    options["cache_dir"] = str(tmp_path / "cache")
+    options = {
+        "dataset_dir": str(demo_dataset.parent),
+        "output_dir": str(tmp_path / "logs"),
+        "train#pool#cache": "disk",
+    }
+    options["train#pool#cache_dir"] = str(tmp_path / "cache")
     workflow = _workflow(
         "train.json",
         "demo.json",
@@ -92,6 +97,29 @@ def test_lowercase_switches_on_the_command_line_are_refused_before_work(demo_dat
     assert "--resume got 'false', write --resume False" in message and "--amp got 1" in message
     assert "channels_last" not in message
     assert not any(tmp_path.iterdir())  # no log, checkpoint or disk cache: nothing ran
+
+
+def test_ids_moved_into_their_component_are_refused_with_the_new_id(demo_dataset: Path, tmp_path: Path) -> None:
+    """MONAI would add ``--synthetic_class_prob`` as a new, unread id and train with the default: refused instead,
+    from the command line and from a config file, before anything is written; the new ids are read."""
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"decay_interval": 100, "k_shot": 2}))
+    configs = f"['bundle/configs/train.json','bundle/configs/demo.json','{preset}']"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", "bundle",
+        "--dataset_dir", str(demo_dataset.parent), "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "logs"), "--synthetic_class_prob", "0.25",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--synthetic_class_prob on the command line is now --train#dataset#synthetic_class_prob" in result.stderr
+    assert f'"decay_interval" in {preset} is now "lr_scheduler#decay_interval"' in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["preset.json"]
+    moved = {"train#dataset#synthetic_class_prob": 0.25, "lr_scheduler#decay_interval": 100}
+    workflow = _workflow("train.json", "demo.json", dataset_dir=str(demo_dataset.parent), **moved)
+    workflow.initialize()
+    assert workflow.parser.get_parsed_content("train#dataset").synthetic_class_prob == 0.25
+    assert workflow.parser.get_parsed_content("lr_scheduler").lr_lambdas[0].decay_interval == 100
 
 
 def test_metadata_follows_the_zoo_schema() -> None:
@@ -134,7 +162,7 @@ def trained_run(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "--ckpt_dir", str(ckpt_dir),
         "--output_dir", str(output_dir),
         "--total_iterations", "4", "--eval_every", "2", "--checkpoint_every", "2", "--log_every", "2",
-        "--num_workers", "0", "--tracking", "mlflow", "--average_last_checkpoints", "2", *TINY,
+        "--num_workers", "0", "--tracking", "mlflow", "--train#handler#checkpoint_averaging#last", "2", *TINY,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # torchrun subprocesses training and evaluating
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/demo.json','bundle/configs/multi_gpu_train.json']"
-TINY = ["--base_channels", "4", "--num_heads", "4", "--channel_multipliers", "[1,2,4,8]", "--patch_size", "[32,32,32]"]
+TINY = ["--base_channels", "4", "--network_def#num_heads", "4", "--network_def#channel_multipliers", "[1,2,4,8]"]
+TINY += ["--patch_size", "[32,32,32]"]
 TINY += ["--batch_size", "2"]
 
 
@@ -59,8 +60,8 @@ def test_two_process_k_shot_evaluation_matches_one_process(demo_dataset: Path, t
     common = [
         "-m", "monai.bundle", "run", "evaluating", "--bundle_root", "bundle", "--dataset_dir", str(demo_dataset.parent),
         "--ckpt_path", str(checkpoint), "--eval_shots", "[1]", "--eval_draws", "1",
-        "--eval_strategies", "['one_shot','ensemble']", "--base_channels", "4", "--num_heads", "4",
-        "--channel_multipliers", "[1,2,4,8]",
+        "--eval_strategies", "['one_shot','ensemble']", "--base_channels", "4", "--network_def#num_heads", "4",
+        "--network_def#channel_multipliers", "[1,2,4,8]",
     ]  # fmt: skip
     single = [sys.executable, *common, "--config_file", f"[{evaluate}]", "--output_dir", str(tmp_path / "one")]
     multi = [

@@ -211,8 +211,8 @@ def test_the_real_data_check_writes_its_report_and_a_picture_per_case(demo_datas
     training, every strategy with the largest component kept, the controls and the UNet, the JSON the issue asks for,
     one picture per case."""
     tiny = tmp_path / "tiny.json"
-    tiny.write_text(json.dumps({"base_channels": 4, "num_heads": 2, "num_query_tokens": 2,
-                                "channel_multipliers": [1, 2, 4, 8], "patch_size": [32, 32, 32],
+    tiny.write_text(json.dumps({"base_channels": 4, "network_def#num_heads": 2, "num_query_tokens": 2,
+                                "network_def#channel_multipliers": [1, 2, 4, 8], "patch_size": [32, 32, 32],
                                 "total_iterations": 4, "eval_every": 4, "checkpoint_every": 4, "batch_size": 1,
                                 "num_workers": 0, "cache_workers": 1, "augmentation#flip_axes": [],
                                 "coordinate_channels": True}))  # fmt: skip

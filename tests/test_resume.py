@@ -26,8 +26,8 @@ def training_command(demo_dataset: Path, run_dir: Path, *extra: str) -> list[str
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", CONFIGS, "--bundle_root", "bundle",
         "--dataset_dir", str(demo_dataset.parent), "--ckpt_dir", str(run_dir / "models"),
         "--output_dir", str(run_dir / "logs"), "--total_iterations", "12", "--checkpoint_every", "3",
-        "--eval_every", "6", "--num_workers", "0", "--base_channels", "4", "--num_heads", "4",
-        "--channel_multipliers", "[1,2,4,8]", "--patch_size", "[32,32,32]", "--batch_size", "2", *extra,
+        "--eval_every", "6", "--num_workers", "0", "--base_channels", "4", "--network_def#num_heads", "4",
+        "--network_def#channel_multipliers", "[1,2,4,8]", "--patch_size", "[32,32,32]", "--batch_size", "2", *extra,
     ]  # fmt: skip
 
 

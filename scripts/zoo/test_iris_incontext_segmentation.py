@@ -27,8 +27,8 @@ TINY = {
     "target_spacing": "native",
     "base_channels": 4,
     "num_query_tokens": 2,
-    "num_heads": 2,
-    "channel_multipliers": [1, 2, 4, 8],
+    "network_def#num_heads": 2,
+    "network_def#channel_multipliers": [1, 2, 4, 8],
     "batch_size": 1,
     "total_iterations": 2,
     "warmup_iterations": 1,
@@ -117,7 +117,7 @@ class TestIrisInContextSegmentation(unittest.TestCase):
             "dataset_dir": str(self.dataset.parent),
             "ckpt_dir": str(self.models),
             "output_dir": str(self.logs),
-            "cache_dir": str(self.work / "cache"),
+            "train#pool#cache_dir": str(self.work / "cache"),
         }
 
     def test_train(self) -> None:

@@ -50,6 +50,14 @@ def parse_setting(value: str) -> Any:
         return value
 
 
+def train_json_ids(ids: dict[str, Any]) -> dict[str, Any]:
+    """``ids`` as train.json names them: the network-size ids that inference.json has at its top level are
+    ``network_def#...`` there (see the bundle's ``scripts/training/moved_ids.py``)."""
+    from scripts.training.moved_ids import MOVED_IDS
+
+    return {MOVED_IDS.get(key, key): value for key, value in ids.items()}
+
+
 @dataclass
 class IrisSettings:
     """Where the bundle and the weights are, and the bundle ids the app overrides.
@@ -130,13 +138,16 @@ class IrisSettings:
         ids = {key: saved[key] for key in keys if key in saved and key not in self.overrides and key != "modality"}
         if "mirror_axes" in saved:  # flip only where the weights were flipped (not left/right anatomy)
             ids["augmentation#flip_axes"] = saved["mirror_axes"]
-        return ids
+        return train_json_ids(ids)
 
     def workflow(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
         """An initialised bundle workflow with the app's overrides (``overrides`` win)."""
         from monai.bundle import ConfigWorkflow
 
         configs = [config] if isinstance(config, str) else config
+        settings = {**self.overrides, **overrides}
+        if "train.json" in configs:
+            settings = train_json_ids(settings)
         workflow = ConfigWorkflow(
             config_file=[str(self.bundle_root / "configs" / name) for name in configs],
             meta_file=str(self.bundle_root / "configs" / "metadata.json"),
@@ -144,7 +155,7 @@ class IrisSettings:
             workflow_type=workflow_type,
             bundle_root=str(self.bundle_root),
             device=torch.device("cuda:0" if torch.cuda.is_available() else "cpu"),
-            **{**self.overrides, **overrides},
+            **settings,
         )
         workflow.initialize()
         return workflow
