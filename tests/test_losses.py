@@ -190,7 +190,7 @@ def test_boundary_term_is_monai_hausdorff_dt_loss_per_class() -> None:
     surface = HausdorffDTLoss(sigmoid=True, include_background=True, reduction="none")(logits, target).flatten(1)
     expected = plain.per_entry(logits, target) + 0.5 * surface
     torch.testing.assert_close(with_boundary.per_entry(logits, target), expected)
-    with pytest.raises(ValueError, match="boundary_loss_weight needs a loss with a Dice term"):
+    with pytest.raises(ValueError, match="loss_function#boundary_weight needs a loss with a Dice term"):
         build_loss("focal", boundary_weight=1.0)
 
 

@@ -124,7 +124,7 @@ def test_cooldown_fraction_scales_with_the_run() -> None:
         scheduler = warmup_step_decay(_sgd(), 2, 1.0, 100, cooldown_fraction=0.25, total_iterations=total)
         assert scheduler.lr_lambdas[0].cooldown_iterations == total // 4
         assert scheduler.lr_lambdas[0](total - 1) == pytest.approx(1 / (total // 4))
-    with pytest.raises(ValueError, match="lr_cooldown_fraction must be in \\[0, 1\\), got 1.0"):
+    with pytest.raises(ValueError, match="lr_scheduler#cooldown_fraction must be in \\[0, 1\\), got 1.0"):
         warmup_step_decay(_sgd(), 2, 1.0, 100, cooldown_fraction=1.0, total_iterations=12)
-    with pytest.raises(ValueError, match="lr_cooldown_fraction needs total_iterations"):
+    with pytest.raises(ValueError, match="lr_scheduler#cooldown_fraction needs total_iterations"):
         warmup_step_decay(_sgd(), 2, 1.0, 100, cooldown_fraction=0.25)

@@ -360,8 +360,12 @@ def test_fine_tuned_weights_are_used_when_newer_unless_the_checkpoint_is_pinned(
 
 def test_conf_values_become_bundle_overrides_of_their_json_type(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO_ROOT / "scripts" / "monailabel"))
-    from lib.bundle import IrisSettings
+    from lib.bundle import IrisSettings, train_json_ids
 
     conf = {"keep_largest_component": "true", "sw_overlap": "0.25", "modality": "MRI", "unknown_key": "1"}
     settings = IrisSettings.from_conf(str(tmp_path), conf)
     assert settings.overrides == {"keep_largest_component": True, "sw_overlap": 0.25, "modality": "MRI"}
+    # train.json has the network ids that inference.json keeps at its top level inside network_def
+    ids = train_json_ids({"num_heads": 4, "channel_multipliers": [1, 2], "cache": "memory", "sw_overlap": 0.25})
+    assert ids == {"network_def#num_heads": 4, "network_def#channel_multipliers": [1, 2], "train#pool#cache": "memory",
+                   "sw_overlap": 0.25}  # fmt: skip

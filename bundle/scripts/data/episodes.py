@@ -210,10 +210,12 @@ class EpisodeDataset(Dataset):
             weights = sizes
         weights = np.asarray(weights, dtype=float)
         if weights.shape != sizes.shape or (weights < 0).any():
-            raise ValueError(f"data_pool_weights must be {len(sizes)} non-negative numbers, got {weights.tolist()}.")
+            raise ValueError(
+                f"train#dataset#dataset_weights must be {len(sizes)} non-negative numbers, got {weights.tolist()}."
+            )
         weights = np.where([bool(h) for h in self._holders], weights, 0.0)
         if weights.sum() <= 0:
-            raise ValueError("data_pool_weights give zero weight to every dataset with trainable classes.")
+            raise ValueError("train#dataset#dataset_weights give zero weight to every dataset with trainable classes.")
         return weights / weights.sum()
 
     def __len__(self) -> int:

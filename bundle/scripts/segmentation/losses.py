@@ -237,5 +237,5 @@ def build_loss(name: str, empty_fraction: float = 0.01, boundary_weight: float =
     if name != "focal":
         options.update(empty_fraction=empty_fraction, boundary_weight=boundary_weight)
     elif boundary_weight:
-        raise ValueError("boundary_loss_weight needs a loss with a Dice term: use dice_bce or dice_focal.")
+        raise ValueError("loss_function#boundary_weight needs a loss with a Dice term: use dice_bce or dice_focal.")
     return LOSSES[name](**options)

@@ -58,7 +58,8 @@ class CheckpointAveraging:
     def __init__(self, ckpt_dir: str, last: int, keep: int) -> None:
         if last < 0 or last > keep:
             raise IrisInputError(
-                f"average_last_checkpoints must be between 0 and checkpoints_to_keep ({keep}), got {last}."
+                f"train#handler#checkpoint_averaging#last must be between 0 and checkpoints_to_keep ({keep}), "
+                f"got {last}."
             )
         self.ckpt_dir = Path(ckpt_dir)
         self.last = last
@@ -71,8 +72,8 @@ class CheckpointAveraging:
         paths = periodic_checkpoints(self.ckpt_dir)[-self.last :]
         if len(paths) < self.last:  # a warning, not an error: the run is over, and the handlers after this one write
             logger.warning(
-                f"average_last_checkpoints is {self.last}, but {self.ckpt_dir} holds {len(paths)} periodic "
-                "checkpoints (checkpoint_every is larger than the run?)"
+                f"train#handler#checkpoint_averaging#last is {self.last}, but {self.ckpt_dir} holds {len(paths)} "
+                "periodic checkpoints (checkpoint_every is larger than the run?)"
                 + (": nothing averaged." if not paths else f": averaging those {len(paths)}.")
             )
             if not paths:

@@ -28,7 +28,9 @@ class EncoderFreeze:
 
     def __init__(self, network: nn.Module, unfreeze_after: int | None = None) -> None:
         if unfreeze_after is not None and unfreeze_after < 0:
-            raise IrisInputError(f"unfreeze_encoder_after must be >= 0 or null, got {unfreeze_after}.")
+            raise IrisInputError(
+                f"train#handler#encoder_freeze#unfreeze_after must be >= 0 or null, got {unfreeze_after}."
+            )
         self.encoder = unwrap(network).encoder
         self.unfreeze_after = unfreeze_after
 

@@ -121,10 +121,13 @@ class LossWeightSchedule:
         terms = sorted(name[: -len("_weight")] for name in vars(loss_function) if name.endswith("_weight"))
         unknown = sorted(set(self.schedule) - set(terms))
         if unknown:
-            raise IrisInputError(f"loss_weight_schedule names {unknown}, which the loss lacks; its terms are {terms}.")
+            raise IrisInputError(
+                f"train#handler#loss_weight_schedule#schedule names {unknown}, which the loss lacks; its terms are "
+                f"{terms}."
+            )
         negative = [name for name, values in self.schedule.items() if min(values) < 0]
         if negative:
-            raise IrisInputError(f"loss_weight_schedule weights must be >= 0, got {negative}.")
+            raise IrisInputError(f"train#handler#loss_weight_schedule#schedule weights must be >= 0, got {negative}.")
 
     def attach(self, engine: Engine) -> None:
         if self.schedule:

@@ -106,9 +106,9 @@ def warmup_step_decay(
         The scheduler; its ``state_dict()`` holds plain Python types only.
     """
     if not 0.0 <= cooldown_fraction < 1.0:
-        raise ValueError(f"lr_cooldown_fraction must be in [0, 1), got {cooldown_fraction}.")
+        raise ValueError(f"lr_scheduler#cooldown_fraction must be in [0, 1), got {cooldown_fraction}.")
     if cooldown_fraction and total_iterations is None:
-        raise ValueError("lr_cooldown_fraction needs total_iterations, the run's length.")
+        raise ValueError("lr_scheduler#cooldown_fraction needs total_iterations, the run's length.")
     cooldown_iterations = round(cooldown_fraction * total_iterations) if cooldown_fraction else 0
     schedule = WarmupStepDecay(warmup_iterations, lr_decay_gamma, decay_interval, cooldown_iterations, total_iterations)
     return LambdaLR(optimizer, lr_lambda=schedule)
