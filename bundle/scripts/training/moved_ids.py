@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,9 +49,10 @@ MOVED_IDS = {
 }
 
 
-def refuse_moved_ids(argv: Sequence[str]) -> None:
-    """Raise :class:`IrisInputError` when ``argv`` (``monai.bundle run``'s) or a config file it names gives a moved
-    id."""
+def refuse_moved_ids(argv: Sequence[str] | None = None) -> None:
+    """Raise :class:`IrisInputError` when ``argv`` (default: ``sys.argv``, ``monai.bundle run``'s) or a config file it
+    names gives a moved id."""
+    argv = sys.argv if argv is None else argv
     found = [(name, "--", "on the command line") for name in _option_names(argv) if name in MOVED_IDS]
     for path in _config_files(argv):
         found += [(key, '"', f"in {path}") for key in _top_level_keys(path) if key in MOVED_IDS]

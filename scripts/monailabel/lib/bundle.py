@@ -130,7 +130,8 @@ class IrisSettings:
         return list(self.model_settings().get("memory_classes", []))
 
     def training_ids(self) -> dict[str, Any]:
-        """train.json ids that fine-tuning must share with the active weights, from what they record."""
+        """Ids that fine-tuning must share with the active weights, from what they record (as inference.json names
+        them; :meth:`workflow` gives train.json its names)."""
         saved = self.model_settings()
         keys = (*BUNDLE_SETTINGS, "use_memory_bank", "memory_momentum")
         # --conf values stay the user's (and are refused when they contradict the weights); training reads the
@@ -138,7 +139,7 @@ class IrisSettings:
         ids = {key: saved[key] for key in keys if key in saved and key not in self.overrides and key != "modality"}
         if "mirror_axes" in saved:  # flip only where the weights were flipped (not left/right anatomy)
             ids["augmentation#flip_axes"] = saved["mirror_axes"]
-        return train_json_ids(ids)
+        return ids
 
     def workflow(self, config: str | list[str], workflow_type: str, **overrides: Any) -> Any:
         """An initialised bundle workflow with the app's overrides (``overrides`` win)."""
