@@ -59,9 +59,9 @@ class ReferenceVolumeCalibration:
 
     def class_threshold(self, logits: torch.Tensor, target_voxels: float) -> float:
         """The highest candidate probability whose object (D x H x W logits above it) reaches ``target_voxels``."""
-        logits = logits.float().cpu().numpy()  # once, not once per candidate
+        logits = logits.cpu()  # once, not once per candidate
         for probability in self.candidates:
-            mask = logits > logit(probability)
+            mask = (logits > logit(probability)).numpy()
             if self.largest_component:
                 mask = largest_component(mask)
             if mask.sum() >= target_voxels:
