@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.utils import path_to_sqlite_uri
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -146,6 +146,19 @@ class TrainedRun:
 REFERENCE_FOLLOWING = ["val_seen_dice", "val_held_out_dice", "val_wrong_reference_dice", "val_absent_class_fp"]
 LABEL_MAP = ["val_label_map_seen_dice", "val_label_map_held_out_dice", "val_label_map_absent_class_fp"]
 CONTROL_DICE = {f"{rule}_rule_{group}_dice" for rule in ("intensity", "position") for group in ("seen", "held_out")}
+
+
+@pytest.mark.parametrize("configs", [("train.json", "evaluate.json"), ("inference.json",)])
+def test_evaluation_and_inference_build_the_network_the_model_records(configs: tuple[str, ...], tmp_path: Path) -> None:
+    sizes = {"base_channels": 4, "num_query_tokens": 3, "num_heads": 2, "decoder_depth": 1, "blocks_per_stage": 2,
+             "channel_multipliers": [1, 2, 4], "use_memory_bank": False, "memory_momentum": 0.8}  # fmt: skip
+    model = tmp_path / "model.pt"
+    torch.save(build_iris_net(**sizes).state_dict(), model)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in configs])
+    parser.update({"bundle_root": str(tmp_path), "ckpt_path": str(model), "data_pool": []})
+    built = parser.get_parsed_content("network_def").settings["network"]
+    assert {key: built[key] for key in sizes} == sizes
 
 
 @pytest.fixture(scope="module")

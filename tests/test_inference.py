@@ -333,7 +333,7 @@ def test_bad_inputs_are_named_before_heavy_work(checkpoint: Path, demo: dict, tm
         ({"classes": CLASSES, "support_images": [str(tmp_path / "nowhere.nii.gz")], "support_labels": [str(other)]},
          ["not found", "nowhere.nii.gz"]),
         ({"classes": CLASSES, "base_channels": 8, **support},
-         [f"{checkpoint} was trained with base_channels 4, but 8 was asked for", "drop the --base_channels override"]),
+         [f"{checkpoint} was trained with base_channels 4, but 8 was asked for", "use the model's base_channels"]),
         ({"classes": CLASSES, "patch_size": [64, 64, 64], **support},
          ["was trained with patch_size [32, 32, 32], but [64, 64, 64] was asked for"]),
         ({"classes": CLASSES, "ckpt_path": str(other), **support}, [f"{other} holds no network weights"]),

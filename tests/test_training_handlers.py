@@ -32,7 +32,7 @@ from scripts.segmentation.metrics import AbsentClassFalsePositives, ClassGroupDi
 from scripts.segmentation.model_io import bundle_version, read_model_settings
 from scripts.segmentation.task_embeddings import ensemble
 from scripts.training.averaging import AVERAGED_MODEL, CheckpointAveraging
-from scripts.training.checkpoints import BestModelSaver
+from scripts.training.checkpoints import BestModelSaver, ResumableEarlyStopHandler
 from scripts.training.embedding_map import EmbeddingMap, has_tsne
 from scripts.training.handlers import ValidationReport, WindowMeanLoss
 from scripts.training.training_summary import TrainingSummary
@@ -417,6 +417,23 @@ def test_best_model_saver_resumes_its_best_score_of_the_same_metric_only(tmp_pat
     assert resumed.state_dict() == {"metric": "val_seen_dice", "value": 0.9, "iteration": 7}
     assert (tmp_path / "other.pt").is_file()
     assert other_metric.state_dict() == {"metric": "val_seen_dice", "value": 0.6, "iteration": 1}
+
+
+def test_early_stopping_state_survives_a_checkpoint_as_plain_types() -> None:
+    trainer, evaluator = Engine(lambda engine, batch: None), Engine(lambda engine, batch: None)
+    scores = iter([0.5, 0.4])
+    stopper = ResumableEarlyStopHandler(patience=3, score_function=lambda engine: next(scores))
+    assert stopper.state_dict() == {}  # before set_trainer: nothing to save
+    stopper.set_trainer(trainer)
+    stopper(evaluator)
+    stopper(evaluator)  # no improvement on 0.5
+    saved = json.loads(json.dumps(stopper.state_dict()))
+    assert (saved["counter"], saved["best_score"]) == (1, 0.5)
+    resumed = ResumableEarlyStopHandler(patience=3, score_function=lambda engine: 0.45)
+    resumed.set_trainer(trainer)
+    resumed.load_state_dict(saved)
+    resumed(evaluator)  # the third validation without improvement counts on from the checkpoint
+    assert (resumed.state_dict()["counter"], resumed.state_dict()["best_score"]) == (2, 0.5)
 
 
 # CheckpointAveraging --------------------------------------------------------------------------------------------------

@@ -28,8 +28,7 @@ def mixed_precision_is_fast(device: str | torch.device) -> bool:
     """Whether autocast speeds a step up on ``device``, the default of the config switch ``amp``.
 
     Always on CUDA (fp16 with a GradScaler). On a CPU, bf16 only pays with native bf16 instructions (AVX-512 BF16 or
-    AMX): there the demo trained 1.2 times faster (docs/training.md), while without them oneDNN emulates bf16 and a
-    step is 17 times slower (docs/benchmarks.md).
+    AMX); without them oneDNN emulates bf16 and a step is many times slower (measured in docs/benchmarks.md).
     """
     device = torch.device(device)
     if device.type == "cuda":

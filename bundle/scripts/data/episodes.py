@@ -114,14 +114,17 @@ class EpisodeDataset(Dataset):
         derived_class_prob: float = 0.0,
     ) -> None:
         if held_out_voxels not in HELD_OUT_VOXELS:
-            raise ValueError(f"held_out_voxels must be one of {list(HELD_OUT_VOXELS)}, got {held_out_voxels!r}.")
+            raise ValueError(
+                f"train#dataset#held_out_voxels must be one of {list(HELD_OUT_VOXELS)}, got {held_out_voxels!r}."
+            )
         if absent_class_choice not in ABSENT_CLASS_CHOICES:
             raise ValueError(
-                f"absent_class_choice must be one of {list(ABSENT_CLASS_CHOICES)}, got {absent_class_choice!r}."
+                f"train#dataset#absent_class_choice must be one of {list(ABSENT_CLASS_CHOICES)}, "
+                f"got {absent_class_choice!r}."
             )
         if k_shot < 1 or max_classes < 1 or length < 1 or episodes_per_iteration < 1:
             raise ValueError(
-                f"k_shot, max_classes_per_episode, episodes_per_iteration and the episode count (total_iterations x "
+                f"k_shot, train#dataset#max_classes, episodes_per_iteration and the episode count (total_iterations x "
                 f"episodes_per_iteration) "
                 f"must be >= 1, got {k_shot}, {max_classes}, {episodes_per_iteration}, {length}."
             )
@@ -139,13 +142,13 @@ class EpisodeDataset(Dataset):
         self.query_crop = self._crop_weights(query_crop)
         if min(synthetic_class_prob, derived_class_prob) < 0 or synthetic_class_prob + derived_class_prob > 1:
             raise ValueError(
-                "synthetic_class_prob and derived_class_prob must be >= 0 and add up to at most 1, got "
-                f"{synthetic_class_prob} and {derived_class_prob}."
+                "train#dataset#synthetic_class_prob and train#dataset#derived_class_prob must be >= 0 and add up to at "
+                f"most 1, got {synthetic_class_prob} and {derived_class_prob}."
             )
         self.synthetic_class_prob = synthetic_class_prob
         self.derived_class_prob = derived_class_prob
         if curriculum_iterations < 0:
-            raise ValueError(f"curriculum_iterations must be >= 0, got {curriculum_iterations}.")
+            raise ValueError(f"train#dataset#curriculum_iterations must be >= 0, got {curriculum_iterations}.")
         self.curriculum_iterations = curriculum_iterations
         self.held_out_voxels = held_out_voxels
         self.augment = episode_augmentation(self.patch_size, **(augmentation_kwargs or {}))
@@ -166,7 +169,8 @@ class EpisodeDataset(Dataset):
         values = np.array([float(weights.get(name, 0.0)) for name in QUERY_CROPS])
         if unknown or (values < 0).any() or values.sum() <= 0:
             raise ValueError(
-                f"query_crop must give non-negative weights to {list(QUERY_CROPS)} (not all zero), got {weights}."
+                f"train#dataset#query_crop must give non-negative weights to {list(QUERY_CROPS)} (not all zero), "
+                f"got {weights}."
             )
         return values / values.sum()
 

@@ -176,9 +176,9 @@ class DatasetPool:
         coordinate_channels: bool = False,
     ) -> None:
         if cache not in ("memory", "disk"):
-            raise ValueError(f"cache must be 'memory' or 'disk', got '{cache}'.")
+            raise ValueError(f"train#pool#cache must be 'memory' or 'disk', got '{cache}'.")
         if cache == "disk" and not cache_dir:
-            raise ValueError("cache='disk' needs a cache_dir.")
+            raise ValueError("train#pool#cache 'disk' needs train#pool#cache_dir.")
         self.cache_dir = Path(cache_dir) if cache == "disk" else None
         self.target_spacing = target_spacing_or_native(target_spacing)
         if isinstance(dataset_files, (str, Path)):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.pool import DatasetPool, Subject
-from ..distributed import gather_objects, is_main_process, rank, world_size
+from ..distributed import is_main_process, rank, world_size
 from ..segmentation.controls import CONTROLS, control_dice
 from ..segmentation.inferers import InContextInferer
 from ..segmentation.match import cycle_dice, match_rates
@@ -182,7 +183,7 @@ class KShotEvaluation:
                 self._evaluate_draw(draw, k, records)
                 bar.update()
         merged = Records()
-        for part in gather_objects(records):  # every rank's share, under torchrun
+        for part in idist.all_gather(records):  # every rank's share, under torchrun
             merged.extend(part)
         results = self._summarise(merged)
         if is_main_process():

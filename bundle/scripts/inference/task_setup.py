@@ -271,7 +271,7 @@ class TaskSetupHandler:
         if len(volumes) != len(self.classes):
             raise SupportSetError(
                 f"{self.embeddings_file} holds no reference volumes (it was written before bundle 0.9.3): give the "
-                "support images, or set threshold_from_reference_volume to false."
+                "support images, or set --threshold_from_reference_volume False."
             )
         self.inferer.calibration = ReferenceVolumeCalibration(
             volumes, self.lowest_threshold, self.keep_largest_component

@@ -33,7 +33,7 @@ class MemoryBank(nn.Module):
     def __init__(self, num_tokens: int, embed_dim: int, momentum: float = 0.9, class_names: Sequence[str] = ()) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"memory_momentum must be in [0, 1), got {momentum}.")
+            raise ValueError(f"network_def#memory_momentum must be in [0, 1), got {momentum}.")
         self.momentum = momentum
         self.class_names: list[str] = []
         self.register_buffer("embeddings", torch.zeros(0, num_tokens, embed_dim))  # N x T x C

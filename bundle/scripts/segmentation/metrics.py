@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.metrics import Metric
@@ -34,7 +35,6 @@ from monai.metrics import compute_dice
 
 from ..data.patches import bounding_box_centre, crop_patch
 from ..data.transforms import label_map
-from ..distributed import gather_objects
 from .controls import CONTROLS
 
 GROUPS = ("seen", "held_out", "all")
@@ -61,13 +61,13 @@ def binary_predictions(logits: torch.Tensor, class_ids: torch.Tensor, prediction
 
 
 def _gathered(values: list) -> list:
-    return [value for part in gather_objects(values) for value in part]
+    return [value for part in idist.all_gather(values) for value in part]
 
 
 def _gathered_by_class(scores: Mapping[str, list[float]]) -> dict[str, list[float]]:
     """Each class's scores over the cases of every rank, by class name."""
     merged: dict[str, list[float]] = defaultdict(list)
-    for part in gather_objects(dict(scores)):
+    for part in idist.all_gather(dict(scores)):
         for name, values in part.items():
             merged[name].extend(values)
     return dict(sorted(merged.items()))
@@ -78,7 +78,7 @@ class EvaluatorMetric(Metric):
 
     Not MONAI's ``CumulativeIterationMetric``/``IgniteMetricHandler``: those buffer one tensor per iteration and reduce
     it; these keep Python lists per class name (a query requests a different set of classes each time) and gather the
-    lists of every rank with :func:`scripts.distributed.gather_objects` (ignite's ``idist.all_gather`` of objects).
+    lists of every rank with ignite's ``idist.all_gather``.
     """
 
     required_output_keys: tuple[str, ...] = ()
@@ -297,6 +297,15 @@ class KIndependence(EvaluatorMetric):
     def compute(self) -> float:
         values = _gathered(self._values)
         return float(max(values)) if values else float("nan")
+
+
+# the validation metrics where lower is better: how much a prediction ignores its reference
+LOWER_IS_BETTER = ("val_wrong_reference_dice", "val_absent_class_fp", "val_label_map_absent_class_fp", "k_independence")
+
+
+def is_trivial_rule(name: str) -> bool:
+    """Whether validation metric ``name`` is a trivial rule's Dice (a control), not the model's."""
+    return name.startswith(tuple(f"{rule}_" for rule in CONTROLS))
 
 
 def validation_metrics(

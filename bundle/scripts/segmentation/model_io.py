@@ -117,6 +117,13 @@ def load_network_state(path: str | Path) -> dict[str, Any]:
     return dict(state)
 
 
+def with_settings(state: Mapping[str, Any], **settings: Any) -> dict[str, Any]:
+    """A copy of the network state dict ``state`` whose recorded settings also hold ``settings`` (how ``model.pt``
+    records its selection, averaging or match threshold)."""
+    recorded = extra_state.decode(state.get("_extra_state"), {})
+    return {**state, "_extra_state": extra_state.encode({**recorded, **settings})}
+
+
 def read_model_settings(path: str | Path, with_defaults: bool = False) -> dict[str, Any]:
     """The settings ``path`` records, flat: the network's hyper-parameters, ``patch_size``, ``target_spacing``,
     ``modality`` (None when the model saw several), ``memory_classes``, ``datasets``, ``dataset_labels`` (global class
@@ -229,7 +236,8 @@ def check_requested(path: str | Path, requested: Mapping[str, Any]) -> None:
         if key in saved and not _same(saved[key], value):
             raise ModelSettingsError(
                 f"{path} was trained with {key} {json.dumps(saved[key])}, but {json.dumps(value)} was asked for: "
-                f"drop the --{key} override (the model's own settings are used by default)."
+                f"use the model's {key} (inference and evaluation read it from the model unless an override sets it; "
+                "fine-tuning must build the network the model was trained with)."
             )
 
 

@@ -12,8 +12,7 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_save
 from ..errors import IrisInputError
-from ..networks import extra_state
-from ..segmentation.model_io import load_network_state
+from ..segmentation.model_io import load_network_state, with_settings
 from .checkpoints import periodic_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -41,8 +40,7 @@ def average_checkpoints(paths: Sequence[str | Path], output: str | Path) -> dict
         else:
             averaged[name] = value
     if "_extra_state" in averaged:
-        settings = extra_state.decode(averaged["_extra_state"], {})
-        averaged["_extra_state"] = extra_state.encode({**settings, "selection": {"averaged": [str(p) for p in paths]}})
+        averaged = with_settings(averaged, selection={"averaged": [str(p) for p in paths]})
     atomic_save(averaged, output)
     return averaged
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import EarlyStopping
 from monai.handlers import EarlyStopHandler
 from torch import nn
 
@@ -29,7 +29,7 @@ from ..atomic import atomic_save
 from ..data.episodes import EpisodeDataset
 from ..distributed import is_main_process, unwrap, world_size
 from ..errors import IrisInputError
-from ..networks import extra_state
+from ..segmentation.model_io import with_settings
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint_"
@@ -59,6 +59,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableEarlyStopHandler(EarlyStopHandler):
+    """MONAI's ``EarlyStopHandler`` whose patience counter and best score a checkpoint can save and restore: MONAI
+    keeps ignite's ``EarlyStopping``, which has them as its ``state_dict``, only as a private attribute."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Ignite's state in plain types (empty before ``set_trainer``)."""
+        if self._handler is None:
+            return {}
+        state = dict(self._handler.state_dict())
+        best = state["best_score"]
+        return {**state, "counter": int(state["counter"]), "best_score": None if best is None else float(best)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._handler is not None and state:
+            self._handler.load_state_dict({**self._handler.state_dict(), **state})  # 0.8.0 saved two of its keys
 
 
 def periodic_checkpoints(ckpt_dir: str | Path) -> list[Path]:
@@ -97,7 +114,7 @@ class CheckpointManager:
         save_every: int,
         keep: int = 3,
         resume: bool = True,
-        early_stopping: EarlyStopHandler | None = None,
+        early_stopping: ResumableEarlyStopHandler | None = None,
         metrics_engine: Engine | None = None,
         best_model: BestModelSaver | None = None,
     ) -> None:
@@ -130,7 +147,7 @@ class CheckpointManager:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "trainer": {"iteration": engine.state.iteration},
-            "early_stopping": self._early_stopping_state(),
+            "early_stopping": self.early_stopping.state_dict() if self.early_stopping is not None else {},
             "rng": rng_state(),
             "metrics": {name: float(value) for name, value in metrics.items()},
             "best_model": self.best_model.state_dict() if self.best_model is not None else {},
@@ -139,19 +156,6 @@ class CheckpointManager:
         atomic_save(content, self.ckpt_dir / f"{PREFIX}{engine.state.iteration:08d}.pt")
         for old in self.checkpoints()[self.keep :]:
             old.unlink(missing_ok=True)
-
-    def _early_stopping(self) -> EarlyStopping | None:
-        """The ignite ``EarlyStopping`` of MONAI's handler, which MONAI builds in ``set_trainer`` and keeps only as
-        ``_handler`` (its counter and best score are ignite's ``state_dict``)."""
-        return getattr(self.early_stopping, "_handler", None)
-
-    def _early_stopping_state(self) -> dict[str, Any]:
-        stopper = self._early_stopping()
-        if stopper is None:
-            return {}
-        state = dict(stopper.state_dict())
-        best = state["best_score"]
-        return {**state, "counter": int(state["counter"]), "best_score": None if best is None else float(best)}
 
     def restore(self, engine: Engine) -> None:
         if not self.resume:
@@ -183,10 +187,8 @@ class CheckpointManager:
         engine.state.epoch = 0  # one epoch of total_iterations: ignite continues it from ``iteration``
         batch_size = getattr(engine.data_loader, "batch_size", 1) or 1
         self.dataset.start = iteration * batch_size * world_size()
-        stopper = self._early_stopping()
-        saved = content.get("early_stopping") or {}
-        if stopper is not None and saved:
-            stopper.load_state_dict({**stopper.state_dict(), **saved})  # checkpoints of 0.8.0 hold two of its keys
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(content.get("early_stopping") or {})
         if self.best_model is not None:
             self.best_model.load_state_dict(content.get("best_model") or {})
         set_rng_state(content["rng"])
@@ -232,10 +234,7 @@ class BestModelSaver:
         self.best = score
         self.best_iteration = self.trainer.state.iteration if self.trainer is not None else 0
         if is_main_process():
-            state = unwrap(self.network).state_dict()
-            settings = extra_state.decode(state.get("_extra_state"), {})
-            state["_extra_state"] = extra_state.encode({**settings, "selection": self.state_dict()})
-            atomic_save(state, self.path)
+            atomic_save(with_settings(unwrap(self.network).state_dict(), selection=self.state_dict()), self.path)
             logger.info(
                 f"Saved the best model so far ({self.metric} {score:.4f} at iteration {self.best_iteration}) "
                 f"to {self.path}."

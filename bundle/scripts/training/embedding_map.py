@@ -29,7 +29,7 @@ def memory_bank_embeddings(state: Mapping[str, object]) -> tuple[list[str], torc
     names = list(extra.get("class_names", []))
     filled = [row for row in range(len(names)) if counts is None or int(counts[row]) > 0]
     if embeddings is None or not filled:
-        raise ValueError("The model has no filled memory bank: train with use_memory_bank true.")
+        raise ValueError("The model has no filled memory bank: train with --use_memory_bank True.")
     return [names[row] for row in filled], embeddings[filled].flatten(1).float()
 
 

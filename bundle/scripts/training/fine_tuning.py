@@ -46,7 +46,10 @@ class EncoderFreeze:
         if self.unfreeze_after is None:
             logger.info("The encoder is frozen for the whole run (freeze_encoder).")
         elif self.frozen(engine.state.iteration + 1):
-            logger.info(f"The encoder is frozen until iteration {self.unfreeze_after} (unfreeze_encoder_after).")
+            logger.info(
+                f"The encoder is frozen until iteration {self.unfreeze_after} "
+                "(train#handler#encoder_freeze#unfreeze_after)."
+            )
 
     def drop_gradients(self, engine: Engine) -> None:
         if not self.frozen(engine.state.iteration):

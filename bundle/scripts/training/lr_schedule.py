@@ -45,9 +45,9 @@ class WarmupStepDecay:
         if warmup_iterations < 0:
             raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}.")
         if not 0.0 < lr_decay_gamma <= 1.0:
-            raise ValueError(f"lr_decay_gamma must be in (0, 1], got {lr_decay_gamma}.")
+            raise ValueError(f"lr_scheduler#lr_decay_gamma must be in (0, 1], got {lr_decay_gamma}.")
         if decay_interval <= 0:
-            raise ValueError(f"decay_interval must be > 0, got {decay_interval}.")
+            raise ValueError(f"lr_scheduler#decay_interval must be > 0, got {decay_interval}.")
         if cooldown_iterations < 0:
             raise ValueError(f"cooldown_iterations must be >= 0, got {cooldown_iterations}.")
         if cooldown_iterations and (

@@ -10,15 +10,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
 from ..atomic import atomic_save, atomic_write_text
 from ..data.pool import DatasetPool
 from ..distributed import is_main_process, unwrap
-from ..networks import extra_state
 from ..segmentation.match import choose_threshold, match_rates, object_scores
+from ..segmentation.model_io import load_network_state, with_settings
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +60,13 @@ class MatchCalibration:
     def __call__(self, engine: Engine) -> None:
         if not is_main_process() or not self.path.is_file():
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = load_network_state(self.path)
         network = copy.deepcopy(unwrap(self.network)).eval()
         network.load_state_dict(state)
         start = time.perf_counter()
         match = choose_threshold(*object_scores(network, self.train_pool, self.train_pool, self.inferer,
                                                 self.patch_size, self.subjects))  # fmt: skip
-        settings = extra_state.decode(state.get("_extra_state"), {})
-        state["_extra_state"] = extra_state.encode({**settings, "match": match})
-        atomic_save(state, self.path)
+        atomic_save(with_settings(state, match=match), self.path)
         validation = object_scores(network, self.validation_pool, self.train_pool, self.inferer, self.patch_size,
                                    self.subjects)  # fmt: skip
         if self.report.is_file():

@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_write_text
 from ..data.pool import DatasetPool
+from ..segmentation.metrics import LOWER_IS_BETTER
 from ..segmentation.model_io import bundle_version
 from .averaging import AVERAGED_MODEL
 from .checkpoints import periodic_checkpoints
@@ -128,20 +129,14 @@ class TrainingSummary:
 
 def metric_summary(validations: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Best and final value of every metric with their iterations; lower is better for the reference-following
-    errors (wrong-reference Dice, absent-class false positives, k-dependence), higher for the others."""
+    errors (:data:`scripts.segmentation.metrics.LOWER_IS_BETTER`), higher for the others."""
     names = sorted({name for line in validations for name in line} - set(RUN_KEYS))
-    lower_is_better = (
-        "val_wrong_reference_dice",
-        "val_absent_class_fp",
-        "val_label_map_absent_class_fp",
-        "k_independence",
-    )
     summary = {}
     for name in names:
         points = [(line["iteration"], line[name]) for line in validations if math.isfinite(line.get(name, math.nan))]
         if not points:
             continue
-        best = (min if name in lower_is_better else max)(points, key=lambda point: point[1])
+        best = (min if name in LOWER_IS_BETTER else max)(points, key=lambda point: point[1])
         summary[name] = {
             "best": best[1],
             "best_iteration": best[0],

@@ -13,6 +13,7 @@ from monai.utils import optional_import
 
 from ..data.transforms import label_map
 from ..drawing import annotated, overlay_panels, palette_colour
+from ..segmentation.metrics import LOWER_IS_BETTER, is_trivial_rule
 from .handlers import WindowMeanLoss
 
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
@@ -79,7 +80,8 @@ class ValidationOverlays:
 class TrainingCurves:
     """Loss, validation Dice and learning rate over training, plotted to ``training_curves.png`` at the end (and
     after every validation) with the values in ``training_curves.json``; the learning rate also goes to TensorBoard,
-    where MONAI's stats handlers already put the loss and the Dice.
+    where MONAI's stats handlers already put the loss and the Dice, at the loss's windows (MONAI's
+    ``OptimizerParamsHandler`` writes every iteration or every epoch, and training is one epoch).
 
     Args:
         optimizer: the optimizer whose first group's learning rate is recorded.
@@ -158,8 +160,8 @@ class TrainingCurves:
             points = [(v["iteration"], v[name]) for v in validations if np.isfinite(v.get(name, np.nan))]
             if not points:
                 continue
-            rule = "_rule_" in name  # the trivial rules' Dice on the same cases, for comparison
-            axis = axes[1] if name.endswith("_dice") and name != "val_wrong_reference_dice" else axes[2]
+            rule = is_trivial_rule(name)  # the trivial rules' Dice on the same cases, for comparison
+            axis = axes[2] if name in LOWER_IS_BETTER else axes[1]
             axis.plot(*zip(*points), marker="" if rule else "o", linestyle="--" if rule else "-", label=name)
         axes[1].set_ylabel("validation Dice")
         axes[2].set_ylabel("reference following\n(lower is better)")

@@ -52,8 +52,8 @@ def parse_setting(value: str) -> Any:
 
 def train_json_ids(ids: dict[str, Any]) -> dict[str, Any]:
     """``ids`` as train.json names them: the network-size ids that inference.json has at its top level are
-    ``network_def#...`` there (see the bundle's ``scripts/training/moved_ids.py``)."""
-    from scripts.training.moved_ids import MOVED_IDS
+    ``network_def#...`` there (see the bundle's ``scripts/moved_ids.py``)."""
+    from scripts.moved_ids import MOVED_IDS
 
     return {MOVED_IDS.get(key, key): value for key, value in ids.items()}
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import IrisInputError
+from .errors import IrisInputError
 
 MOVED_IDS = {
     "num_heads": "network_def#num_heads",
