@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from scripts.data.demo_data import HELD_OUT_LABELS
 from scripts.errors import user_error
 from scripts.networks import build_iris_net
-from scripts.segmentation.model_io import bundle_version, read_model_settings
+from scripts.segmentation.model_io import DEFAULT_SETTINGS, bundle_version, read_model_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -159,6 +159,15 @@ def test_evaluation_and_inference_build_the_network_the_model_records(configs: t
     parser.update({"bundle_root": str(tmp_path), "ckpt_path": str(model), "data_pool": []})
     built = parser.get_parsed_content("network_def").settings["network"]
     assert {key: built[key] for key in sizes} == sizes
+
+
+def test_the_default_settings_of_inference_describe_the_demo_model() -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    parser.update({"data_pool": []})
+    settings = parser.get_parsed_content("network_def").settings
+    demo = {**settings["network"], **{key: settings[key] for key in ("patch_size", "target_spacing", "mirror_axes")}}
+    assert {key: DEFAULT_SETTINGS[key] for key in demo} == demo
 
 
 @pytest.fixture(scope="module")
