@@ -38,7 +38,7 @@ def _imports(package: Path, path: Path) -> list[tuple[str, ...]]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            module = (node.module or "").split(".") if node.module else []
+            module = node.module.split(".") if node.module else []
             if node.level:
                 module = [*here[: len(here) - (node.level - 1)], *module]
             elif module and module[0] == "scripts":
