@@ -16,12 +16,8 @@ PACKAGE = BUNDLE / "scripts"
 LAYERS = {"networks": 1, "data": 1, "segmentation": 2, "training": 3, "inference": 3}
 # the layer each config works in: training's configs build training objects, inference's and evaluation's do not
 CONFIG_LAYERS = {"train.json": "training", "inference.json": "inference", "evaluate.json": "inference"}
-# the files each config is run with (evaluation reads the training config's pools and network)
-CONFIG_STACKS = {
-    "train.json": ["train.json"],
-    "inference.json": ["inference.json"],
-    "evaluate.json": ["train.json", "evaluate.json"],
-}
+# configs run on top of another (evaluation reads the training config's pools and network); the others run alone
+CONFIG_STACKS = {"evaluate.json": ["train.json", "evaluate.json"]}
 SCRIPTS_PATH = re.compile(r"\bscripts((?:\.\w+)+)")
 REFERENCE = re.compile(r"[@%]([\w#]+)")
 
@@ -72,7 +68,7 @@ def _used_items(configs: Path, name: str) -> list[str]:
     """The JSON text of every item that config ``name`` defines and of every item those refer to (``@id``, ``%id``),
     in the files it runs with: what running it may build."""
     parser = ConfigParser()
-    parser.read_config([str(configs / part) for part in CONFIG_STACKS[name]])
+    parser.read_config([str(configs / part) for part in CONFIG_STACKS.get(name, [name])])
     pending, seen, texts = list(json.loads((configs / name).read_text())), set(), []
     while pending:
         item = pending.pop()
